@@ -1,0 +1,3 @@
+from virt_dup.cli import main
+
+raise SystemExit(main())

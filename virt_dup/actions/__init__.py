@@ -1,0 +1,1 @@
+"""One module per group of verbs: typed inputs in, results out; main() reports errors."""

@@ -1,0 +1,373 @@
+"""The ``virt-dup`` command: argparse + argcomplete, verbs dispatched through a dict.
+
+Expected failures (:class:`~virt_dup.errors.VirtDupError`) become one line on
+stderr and an exit code (0 ok, 1 operation failed, 2 usage or configuration
+error); ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import argcomplete
+
+from virt_dup import __version__
+from virt_dup.actions import jobs as job_actions
+from virt_dup.config import Config, load_config
+from virt_dup.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, VirtDupError
+from virt_dup.hypervisor import Hypervisor
+from virt_dup.options import OPTIONS
+
+PROGRAM = "virt-dup"
+log = logging.getLogger("virt_dup")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# -- completion -----------------------------------------------------------------
+def _completion_hypervisor(parsed_args: argparse.Namespace) -> Hypervisor | None:
+    try:
+        return Hypervisor.open(load_config(getattr(parsed_args, "config", None)))
+    except VirtDupError:
+        return None
+
+
+def complete_domains(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> list[str]:
+    hypervisor = _completion_hypervisor(parsed_args)
+    if hypervisor is None:
+        return []
+    with hypervisor:
+        return [name for name in hypervisor.domain_names() if name.startswith(prefix)]
+
+
+def complete_jobs(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> list[str]:
+    hypervisor = _completion_hypervisor(parsed_args)
+    if hypervisor is None:
+        return []
+    with hypervisor:
+        return [
+            job.uuid
+            for _domain, jobs in hypervisor.all_jobs()
+            if isinstance(jobs, list)
+            for job in jobs
+            if job.uuid.startswith(prefix)
+        ]
+
+
+# -- verbs ------------------------------------------------------------------------
+class Context:
+    """What a verb gets: the parsed arguments, the config, a lazily opened hypervisor."""
+
+    def __init__(self, arguments: argparse.Namespace, hypervisor: Hypervisor | None) -> None:
+        self.arguments = arguments
+        self._hypervisor = hypervisor
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.arguments.config)
+            for notice in self._config.notices:
+                print(f"{PROGRAM}: notice: {notice}", file=sys.stderr)
+        return self._config
+
+    @property
+    def hypervisor(self) -> Hypervisor:
+        if self._hypervisor is None:
+            self._hypervisor = Hypervisor.open(self.config)
+        return self._hypervisor
+
+
+def cmd_add_job(context: Context) -> int:
+    arguments = context.arguments
+    values: dict[str, object] = {}
+    for option in OPTIONS:
+        value = getattr(arguments, option.name)
+        if value is not None:
+            values[option.name] = value
+    request = job_actions.AddJobRequest(
+        domain=arguments.domain,
+        option_values=values,
+        devs=tuple(arguments.dev or ()),
+        paths=tuple(arguments.path or ()),
+        job_uuid=arguments.uuid,
+    )
+    job = job_actions.add_job(context.config, context.hypervisor, request)
+    print(job.uuid)
+    effective = job.options.over(context.config.defaults)
+    if not (effective.schedule or effective.full_schedule):
+        print(
+            f"{PROGRAM}: notice: job {job.uuid} has no schedule and virt-dup.yml no "
+            "defaults.schedule: it gets no timer (run it with 'virt-dup run')",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def cmd_remove_job(context: Context) -> int:
+    job = job_actions.remove_job(context.hypervisor, context.arguments.job)
+    print(f"removed job {job.uuid} from domain {job.domain_name}")
+    return EXIT_OK
+
+
+def _confirm(assume_yes: bool) -> Callable[[str], bool]:
+    def confirm(question: str) -> bool:
+        if assume_yes:
+            return True
+        if not sys.stdin.isatty():
+            raise UsageError(f"{question} refusing without --yes (no terminal to ask)")
+        answer = input(f"{question} [y/N] ")
+        return answer.strip().lower() in ("y", "yes")
+
+    return confirm
+
+
+def cmd_remove_all_jobs(context: Context) -> int:
+    arguments = context.arguments
+    removed = job_actions.remove_all_jobs(
+        context.hypervisor, arguments.domain, _confirm(arguments.yes)
+    )
+    for job in removed:
+        print(f"removed job {job.uuid} from domain {job.domain_name}")
+    if not removed:
+        print("no jobs to remove")
+    return EXIT_OK
+
+
+def cmd_list_jobs(context: Context) -> int:
+    records, warnings = job_actions.list_jobs(
+        context.config, context.hypervisor, context.arguments.domain
+    )
+    for warning in warnings:
+        print(f"{PROGRAM}: warning: {warning}", file=sys.stderr)
+    job_actions.print_jobs(records, context.arguments.json)
+    return EXIT_OK
+
+
+def cmd_check_config(context: Context) -> int:
+    config = context.config
+    exists = config.path.exists()
+    print(f"{config.path}: {'ok' if exists else 'not present, using built-in defaults'}")
+    print(f"scope: {config.scope}, libvirt: {config.libvirt_uri}")
+    print(f"backends: {', '.join(f'{n}={u}' for n, u in config.backends.items()) or '(none)'}")
+    print(f"encryption keys: {', '.join(config.encryption.keys) or '(none)'}")
+    if context.arguments.connect:
+        version = context.hypervisor.connection.getLibVersion()
+        print(f"libvirt reachable (library {version // 1000000}.{version // 1000 % 1000})")
+    return EXIT_OK
+
+
+def cmd_schedule_explain(context: Context) -> int:
+    from virt_dup.schedule import cron_to_timer, describe, next_runs
+
+    expression = context.arguments.expression
+    timer = cron_to_timer(expression)
+    start = datetime.now(UTC).astimezone()
+    runs = next_runs(expression, start, context.arguments.count)
+    if context.arguments.json:
+        json.dump(
+            {
+                "expression": expression,
+                "description": describe(expression),
+                "on_calendar": list(timer.on_calendar),
+                "on_boot_sec": timer.on_boot_sec,
+                "next": [run.isoformat() for run in runs],
+            },
+            sys.stdout,
+            indent=2,
+        )
+        print()
+        return EXIT_OK
+    for spec in timer.on_calendar:
+        print(f"OnCalendar={spec}")
+    if timer.on_boot_sec is not None:
+        print(f"OnBootSec={timer.on_boot_sec}")
+    print(f"# {describe(expression)}")
+    for run in runs:
+        print(f"# next: {run.strftime('%a %Y-%m-%d %H:%M %Z')}")
+    return EXIT_OK
+
+
+def cmd_help(context: Context) -> int:
+    parser = context.arguments.parser
+    verb = context.arguments.verb
+    if verb:
+        subparser = context.arguments.subparsers.choices.get(verb)
+        if subparser is None:
+            raise UsageError(f"no command {verb!r} (see '{PROGRAM} help')")
+        subparser.print_help()
+    else:
+        parser.print_help()
+    return EXIT_OK
+
+
+# -- the parser -----------------------------------------------------------------------
+def build_parser() -> tuple[ArgumentParser, argparse._SubParsersAction[ArgumentParser]]:
+    parser = ArgumentParser(
+        prog=PROGRAM,
+        description="Back up the qcow2 disks of libvirt/KVM domains with duplicity; "
+        "jobs live in the domain XML, systemd timers run them.",
+        epilog="See virt-dup(8) and virt-dup.yml(5).",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="configuration file (default: $VIRT_DUP_CONFIG or /etc/virt-dup/virt-dup.yml)",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=ArgumentParser
+    )
+
+    add = subparsers.add_parser(
+        "add-job",
+        help="add a backup job to a domain",
+        description="Add a backup job to DOMAIN's XML (live and persistent definition) and "
+        "print its uuid. Options not given come from virt-dup.yml.",
+    )
+    add.add_argument("domain", metavar="DOMAIN", help="domain name or UUID").completer = (  # type: ignore[attr-defined]
+        complete_domains
+    )
+    add.add_argument(
+        "--path",
+        action="append",
+        metavar="FILE",
+        help="back up the disk whose source is FILE (repeatable)",
+    )
+    add.add_argument(
+        "--dev",
+        action="append",
+        metavar="DEV",
+        help="back up the disk with target DEV, e.g. vda (repeatable)",
+    )
+    add.add_argument("--uuid", metavar="UUID", help="use this job uuid instead of a new random one")
+    for option in OPTIONS:
+        add.add_argument(
+            option.command_line_flag,
+            dest=option.name,
+            metavar=option.metavar,
+            action="append" if option.repeatable else "store",
+            help=option.description + (" (repeatable)" if option.repeatable else ""),
+        )
+    add.set_defaults(handler=cmd_add_job)
+
+    remove = subparsers.add_parser(
+        "remove-job", help="remove one job", description="Remove the job JOB_UUID from its domain."
+    )
+    remove.add_argument("job", metavar="JOB_UUID").completer = complete_jobs  # type: ignore[attr-defined]
+    remove.set_defaults(handler=cmd_remove_job)
+
+    remove_all = subparsers.add_parser(
+        "remove-all-jobs",
+        help="remove every job of a domain (or of every domain)",
+        description="Remove every virt-dup job of DOMAIN, or of every domain when none is given.",
+    )
+    remove_all.add_argument("domain", metavar="DOMAIN", nargs="?").completer = complete_domains  # type: ignore[attr-defined]
+    remove_all.add_argument("-y", "--yes", action="store_true", help="do not ask")
+    remove_all.set_defaults(handler=cmd_remove_all_jobs)
+
+    for name, aliases in (("list-jobs", ["jobs"]),):
+        listing = subparsers.add_parser(
+            name,
+            aliases=aliases,
+            help="list jobs",
+            description="List jobs with their effective options.",
+        )
+        listing.add_argument("domain", metavar="DOMAIN", nargs="?").completer = complete_domains  # type: ignore[attr-defined]
+        listing.add_argument("--json", action="store_true", help="machine-readable output")
+        listing.set_defaults(handler=cmd_list_jobs)
+
+    check = subparsers.add_parser(
+        "check-config",
+        help="validate virt-dup.yml",
+        description="Validate virt-dup.yml and print what it says.",
+    )
+    check.add_argument("--connect", action="store_true", help="also connect to libvirt")
+    check.set_defaults(handler=cmd_check_config)
+
+    schedule = subparsers.add_parser(
+        "schedule", help="cron schedules", description="Work with cron schedules."
+    )
+    schedule_verbs = schedule.add_subparsers(
+        dest="schedule_command", metavar="COMMAND", parser_class=ArgumentParser
+    )
+    schedule_verbs.required = True
+    explain = schedule_verbs.add_parser(
+        "explain",
+        help="show the systemd timer lines and next runs of a cron string",
+        description="Print the OnCalendar=/OnBootSec= lines for CRON (exactly as they go "
+        "into the timer), a description and the next run times.",
+    )
+    explain.add_argument("expression", metavar="CRON")
+    explain.add_argument(
+        "--count", type=int, default=5, metavar="N", help="how many next runs (default 5)"
+    )
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    explain.set_defaults(handler=cmd_schedule_explain)
+
+    helper = subparsers.add_parser("help", help="show help for a command")
+    helper.add_argument("verb", metavar="COMMAND", nargs="?")
+    helper.set_defaults(handler=cmd_help)
+    return parser, subparsers
+
+
+def main(argv: Sequence[str] | None = None, hypervisor: Hypervisor | None = None) -> int:
+    """Run virt-dup; returns the exit code.  ``hypervisor`` may be injected."""
+    parser, subparsers = build_parser()
+    argcomplete.autocomplete(parser)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO, format=f"{PROGRAM}: %(message)s"
+    )
+    try:
+        arguments = parser.parse_args(argv)
+        if arguments.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        arguments.parser = parser
+        arguments.subparsers = subparsers
+        context = Context(arguments, hypervisor)
+        handler: Callable[[Context], int] = arguments.handler
+        try:
+            return handler(context)
+        finally:
+            if hypervisor is None and context._hypervisor is not None:
+                context._hypervisor.close()
+    except VirtDupError as error:
+        if debug:
+            traceback.print_exc()
+        print(f"{PROGRAM}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROGRAM}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (| head): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except Exception as error:  # a bug: say so, with the traceback when asked
+        if debug:
+            traceback.print_exc()
+        print(
+            f"{PROGRAM}: internal error: {type(error).__name__}: {error} (run with --debug)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

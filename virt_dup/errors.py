@@ -1,0 +1,59 @@
+"""Exceptions raised deep in virt-dup and turned into one line + exit code in ``cli.main``.
+
+Every expected failure is a :class:`VirtDupError`.  Its ``str()`` is the one
+line the user sees; ``exit_code`` is what the process returns.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class VirtDupError(Exception):
+    """An expected failure: printed as one line, no traceback (unless --debug)."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(VirtDupError):
+    """Bad input from the command line: unknown option, malformed value."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(VirtDupError):
+    """virt-dup.yml (or a job's options) is invalid.
+
+    The message names the file, the key path inside it and what was expected.
+    """
+
+    exit_code = EXIT_USAGE
+
+
+class ScheduleError(ConfigError):
+    """A cron string that cron would reject or that can never fire."""
+
+    def __init__(self, expression: str, reason: str) -> None:
+        super().__init__(f"invalid schedule {expression!r}: {reason}")
+        self.expression = expression
+        self.reason = reason
+
+
+class NotFoundError(VirtDupError):
+    """A domain, job, disk or backup that does not exist."""
+
+    exit_code = EXIT_USAGE
+
+
+class LibvirtError(VirtDupError):
+    """libvirtd refused or failed an operation (message says which, on what)."""
+
+
+class CommandError(VirtDupError):
+    """An external program (duplicity, qemu-img, gpg...) failed.
+
+    The message is the copy-pasteable command line (secrets masked), how it
+    ended and the last lines it printed.
+    """

@@ -1,0 +1,261 @@
+"""The one way virt-dup talks to libvirt.
+
+:class:`Hypervisor` wraps a ``virConnect``: finding domains by name or UUID,
+reading and writing the virt-dup metadata element, describing disks.  It is
+injectable (tests and callers that already hold a connection hand it in).
+libvirt's own error printing is silenced; failures become
+:class:`~virt_dup.errors.LibvirtError` or :class:`~virt_dup.errors.NotFoundError`
+with one line that says what failed on what.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import libvirt
+
+from virt_dup import NAMESPACE, NAMESPACE_PREFIX
+from virt_dup.config import Config
+from virt_dup.errors import ConfigError, LibvirtError, NotFoundError
+from virt_dup.jobs import Job, parse_instance_text, parse_xml, render_instance
+
+T = TypeVar("T")
+
+
+def _ignore_libvirt_error(_context: object, _error: object) -> None:
+    """libvirt prints every error to stderr by default; we report them ourselves."""
+
+
+libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+
+
+def _message(error: libvirt.libvirtError) -> str:
+    return (error.get_error_message() or str(error)).strip()
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A disk of a domain as its XML describes it."""
+
+    target: str  # target dev, e.g. vda
+    source: str | None  # source file (top of the chain); None for non-file disks
+    driver_type: str | None  # qcow2, raw...
+    device: str  # disk, cdrom...
+    source_type: str  # file, block, network...
+
+    @property
+    def is_qcow2_file(self) -> bool:
+        return (
+            self.device == "disk"
+            and self.source_type == "file"
+            and self.driver_type == "qcow2"
+            and self.source is not None
+        )
+
+
+def parse_disks(domain_xml: str, where: str) -> list[Disk]:
+    """Every ``<disk>`` of a domain XML document, in document order."""
+    root = parse_xml(domain_xml, where)
+    disks = []
+    for element in root.iterfind("devices/disk"):
+        source = element.find("source")
+        target = element.find("target")
+        driver = element.find("driver")
+        file_name = None
+        if source is not None:
+            file_name = source.get("file") or source.get("dev") or source.get("name")
+        disks.append(
+            Disk(
+                target=target.get("dev", "") if target is not None else "",
+                source=file_name,
+                driver_type=driver.get("type") if driver is not None else None,
+                device=element.get("device", "disk"),
+                source_type=element.get("type", "file"),
+            )
+        )
+    return disks
+
+
+class Hypervisor:
+    """A libvirt connection with the operations virt-dup needs."""
+
+    def __init__(self, connection: libvirt.virConnect) -> None:
+        self.connection = connection
+
+    @classmethod
+    def open(cls, config: Config) -> Hypervisor:
+        """Connect as virt-dup.yml says (URI, optional username and password file).
+
+        Raises :class:`LibvirtError` naming the URI when libvirtd does not answer.
+        """
+        uri = config.libvirt_uri
+        settings = config.libvirt
+        password = settings.password
+        if settings.password_file is not None:
+            try:
+                password = settings.password_file.read_text().rstrip("\n")
+            except OSError as error:
+                raise ConfigError(
+                    f"{config.path}: libvirt.password_file: cannot read "
+                    f"{settings.password_file}: {error.strerror}"
+                ) from None
+        try:
+            if settings.username is None and password is None:
+                # openAuth(uri, None, ...) segfaults in libvirt-python; open() is the same call.
+                if settings.flags & libvirt.VIR_CONNECT_RO:
+                    connection = libvirt.openReadOnly(uri)
+                else:
+                    connection = libvirt.open(uri)
+            else:
+                connection = libvirt.openAuth(
+                    uri, _credentials(settings.username, password), settings.flags
+                )
+        except libvirt.libvirtError as error:
+            raise LibvirtError(f"cannot connect to libvirt at {uri}: {_message(error)}") from None
+        return cls(connection)
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self.connection.close()
+
+    def __enter__(self) -> Hypervisor:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- domains ----------------------------------------------------------
+    @property
+    def uri(self) -> str:
+        return str(self.connection.getURI())
+
+    def call(self, what: str, function: Callable[..., T], *arguments: Any) -> T:
+        """Run a libvirt call; failures become one line naming ``what``."""
+        try:
+            return function(*arguments)
+        except libvirt.libvirtError as error:
+            raise LibvirtError(f"{what}: {_message(error)}") from None
+
+    def domain(self, name_or_uuid: str) -> libvirt.virDomain:
+        """A domain by name or UUID; :class:`NotFoundError` when there is none."""
+        lookups = [self.connection.lookupByName]
+        if _looks_like_uuid(name_or_uuid):
+            lookups.insert(0, self.connection.lookupByUUIDString)
+        for lookup in lookups:
+            try:
+                return lookup(name_or_uuid)
+            except libvirt.libvirtError as error:
+                if error.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise LibvirtError(
+                        f"cannot look up domain {name_or_uuid}: {_message(error)}"
+                    ) from None
+        raise NotFoundError(f"no domain named {name_or_uuid!r} on {self.uri}")
+
+    def domains(self) -> list[libvirt.virDomain]:
+        """Every domain (running or not), sorted by name."""
+        found = self.call("cannot list domains", self.connection.listAllDomains, 0)
+        return sorted(found, key=lambda domain: domain.name())
+
+    def domain_names(self) -> list[str]:
+        return [domain.name() for domain in self.domains()]
+
+    def domain_xml(self, domain: libvirt.virDomain, inactive: bool = False) -> str:
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return self.call(f"cannot read the XML of domain {domain.name()}", domain.XMLDesc, flags)
+
+    def disks(self, domain: libvirt.virDomain, inactive: bool = False) -> list[Disk]:
+        return parse_disks(self.domain_xml(domain, inactive), f"domain {domain.name()}")
+
+    # -- jobs -------------------------------------------------------------
+    def metadata_text(self, domain: libvirt.virDomain) -> str | None:
+        """The virt-dup element of the domain's current XML, or None."""
+        try:
+            return str(domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE, 0))
+        except libvirt.libvirtError as error:
+            if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                return None
+            raise LibvirtError(
+                f"cannot read virt-dup metadata of domain {domain.name()}: {_message(error)}"
+            ) from None
+
+    def jobs(self, domain: libvirt.virDomain) -> list[Job]:
+        """Jobs of one domain (ConfigError when its metadata is malformed)."""
+        return parse_instance_text(self.metadata_text(domain), domain.name(), domain.UUIDString())
+
+    def all_jobs(self) -> Iterator[tuple[libvirt.virDomain, list[Job] | ConfigError]]:
+        """(domain, its jobs or the error that stops reading them) for every domain."""
+        for domain in self.domains():
+            try:
+                yield domain, self.jobs(domain)
+            except ConfigError as error:
+                yield domain, error
+
+    def find_job(self, job_uuid: str) -> tuple[libvirt.virDomain, Job]:
+        """The job with this uuid, in whichever domain holds it."""
+        wanted = job_uuid.strip().lower()
+        for domain, jobs in self.all_jobs():
+            if isinstance(jobs, ConfigError):
+                continue
+            for job in jobs:
+                if job.uuid == wanted:
+                    return domain, job
+        raise NotFoundError(f"no job {job_uuid} in any domain on {self.uri}")
+
+    def write_jobs(self, domain: libvirt.virDomain, jobs: list[Job]) -> None:
+        """Replace the domain's virt-dup element (live and persistent) with ``jobs``.
+
+        No jobs removes the element.  Only virt-dup's namespace is touched.
+        Raises :class:`LibvirtError` for a transient domain.
+        """
+        if not domain.isPersistent():
+            raise LibvirtError(
+                f"domain {domain.name()} is transient: jobs must live in a persistent "
+                "definition (virsh define)"
+            )
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if domain.isActive():
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        text = render_instance(jobs) if jobs else None
+        self.call(
+            f"cannot write virt-dup metadata of domain {domain.name()}",
+            domain.setMetadata,
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            text,
+            NAMESPACE_PREFIX if text else None,
+            NAMESPACE,
+            flags,
+        )
+
+
+def _looks_like_uuid(text: str) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _credentials(username: str | None, password: str | None) -> list[Any]:
+    def answer(credentials: list[list[Any]], _data: object) -> int:
+        for credential in credentials:
+            if credential[0] == libvirt.VIR_CRED_AUTHNAME:
+                credential[4] = username or ""
+            elif credential[0] == libvirt.VIR_CRED_PASSPHRASE:
+                credential[4] = password or ""
+            else:
+                return -1
+        return 0
+
+    return [[libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE], answer, None]
+
+
+def real_path(path: str) -> str:
+    """Absolute, symlink-free spelling of an image path (for comparing disks)."""
+    return os.path.realpath(Path(path))
