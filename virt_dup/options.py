@@ -84,9 +84,11 @@ def parse_schedule(value: object, where: str) -> str:
     """A cron string cron accepts and that fires at least once."""
     from virt_dup.schedule import parse_cron  # schedule imports errors only
 
+    if isinstance(value, str):
+        value = value.replace("\t", " ")  # cron separates fields with tabs too
     text = parse_text(value, where).strip()
     try:
-        parse_cron(text)
+        text = parse_cron(text).expression
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
     return text
