@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from virt_dup.errors import ConfigError
-from virt_dup.options import BUILTIN_DEFAULTS, JobOptions, parse_options
+from virt_dup.options import BACKEND_NAME, BUILTIN_DEFAULTS, JobOptions, parse_options
 
 DEFAULT_PATH = Path("/etc/virt-dup/virt-dup.yml")
 #: Environment variable that overrides :data:`DEFAULT_PATH` (``--config`` wins over it).
@@ -166,7 +166,6 @@ _LEGACY_TOP_LEVEL = {
     "libvirt-username": ("libvirt", "username"),
     "libvirt-password": ("libvirt", "password"),
     "libvirt-flags": ("libvirt", "flags"),
-    "libvirt-socket": ("libvirt", "socket"),
     "duplicity-backends": ("backends", None),
     "default-schedule": ("defaults", "schedule"),
     "default_schedule": ("defaults", "schedule"),
@@ -234,8 +233,18 @@ class _Loader:
                     f"{self.path}: {key} is no longer needed (backups stream from the "
                     "disk images); it is ignored"
                 )
+            elif key == "libvirt-socket":
+                # The original's "use the local unix socket": the local URI of the scope.
+                self.notices.append(
+                    f"{self.path}: libvirt-socket is deprecated; leave libvirt.uri unset for "
+                    "the local socket"
+                )
+                if not isinstance(value, bool):
+                    raise self.error("libvirt-socket", "true or false", value)
             elif key in _LEGACY_TOP_LEVEL:
                 target = _LEGACY_TOP_LEVEL[key]
+                if target in legacy:
+                    raise self.error(key, f"one spelling of {target[0]}.{target[1]}, not two")
                 if key != "libvirt-password":  # has its own notice, below
                     self.notices.append(
                         f"{self.path}: {key} is deprecated; write it as "
@@ -284,7 +293,8 @@ class _Loader:
         import re
 
         text = str(value).strip() if isinstance(value, str | int) else ""
-        if not re.fullmatch(r"[0-9]+(?:\s*(?:us|ms|s|sec|min|m|h|hr|d|w))?", text):
+        unit = r"(?:us|ms|s|sec|seconds?|min|minutes?|m|h|hr|hours?|d|days?|w|weeks?)"
+        if not re.fullmatch(rf"(?:[0-9]+\s*{unit}?\s*)+", text) or text[-1] == " ":
             raise self.error(where, "a systemd time span such as 30s, 10min or 1h", value)
         return text
 
@@ -294,8 +304,6 @@ class _Loader:
             if key not in _LIBVIRT_KEYS:
                 raise self.unknown("libvirt.", key, _LIBVIRT_KEYS)
         uri = section.get("uri", legacy.get(("libvirt", "uri")))
-        if legacy.get(("libvirt", "socket")) is True and uri is None:
-            uri = "qemu:///system"  # the original's "use the local unix socket"
         flags = section.get("flags", legacy.get(("libvirt", "flags"), 0))
         if isinstance(flags, bool) or not isinstance(flags, int) or flags < 0:
             raise self.error("libvirt.flags", "a non-negative integer", flags)
@@ -329,8 +337,10 @@ class _Loader:
         section = self.mapping(source, where)
         backends: dict[str, str] = {}
         for name, url in section.items():
-            if "://" not in name and not name.replace("-", "").replace("_", "").isalnum():
-                raise self.error(f"{where}.{name}", "a name of letters, digits, - and _")
+            if "://" not in name and not BACKEND_NAME.match(name):
+                raise self.error(
+                    f"{where}.{name}", "a name of ASCII letters, digits, '.', '-' and '_'"
+                )
             url_text = self.text(url, f"{where}.{name}")
             if "://" not in url_text:
                 raise self.error(f"{where}.{name}", "a duplicity URL such as file:///srv/b", url)
@@ -353,9 +363,12 @@ class _Loader:
         sign_key = None
         if section.get("sign_key") is not None:
             try:
-                sign_key = parse_key_ids(section["sign_key"], "encryption.sign_key")[0]
+                sign_keys = parse_key_ids(section["sign_key"], "encryption.sign_key")
             except ConfigError as error:
                 raise ConfigError(f"{self.path}: {error}") from None
+            if len(sign_keys) != 1:
+                raise self.error("encryption.sign_key", "one key id", section["sign_key"])
+            sign_key = sign_keys[0]
         return EncryptionSettings(
             keys=keys,
             sign_key=sign_key,

@@ -28,7 +28,7 @@ _INTERVAL = re.compile(r"^(?:[0-9]+[smhDWMY])+$")
 #: GPG key ids and fingerprints (8, 16 or 40 hex digits, optional 0x).
 _KEY_ID = re.compile(r"^(?:0x)?(?:[0-9A-Fa-f]{8}|[0-9A-Fa-f]{16}|[0-9A-Fa-f]{40})$")
 #: A backend is a name from virt-dup.yml or a duplicity URL.
-_BACKEND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+BACKEND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BACKEND_URL = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
 
 QUIESCE_POLICIES = ("auto", "required", "off")
@@ -126,7 +126,7 @@ def parse_backends(value: object, where: str) -> tuple[str, ...]:
     """Backend names from virt-dup.yml or duplicity URLs, comma-separated."""
     items = _split_list(value, where)
     for item in items:
-        if not (_BACKEND_NAME.match(item) or _BACKEND_URL.match(item)):
+        if not (BACKEND_NAME.match(item) or _BACKEND_URL.match(item)):
             raise _fail(where, "backend names or duplicity URLs (scheme://...)", item)
     return tuple(items)
 
@@ -348,7 +348,7 @@ def parse_options(values: Mapping[str, object], where: str) -> ParsedOptions:
     found: dict[str, Any] = {}
     notices: list[str] = []
     for raw_name, value in values.items():
-        name = raw_name.replace("-", "_")
+        name = raw_name
         if name in LEGACY_NAMES:
             canonical = LEGACY_NAMES[name]
             notices.append(f"{where}.{raw_name} is deprecated; it means {canonical}")

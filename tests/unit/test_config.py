@@ -100,6 +100,18 @@ def test_seed_readme_spelling_default_schedule() -> None:
 
 def test_libvirt_socket_true_means_local_socket() -> None:
     assert parse_config("libvirt-socket: true\n", PATH).libvirt_uri == "qemu:///system"
+    assert parse_config("libvirt-socket: true\nscope: user\n", PATH).libvirt_uri == (
+        "qemu:///session"
+    )
+
+
+def test_two_spellings_of_one_setting_are_an_error() -> None:
+    with pytest.raises(ConfigError, match="not two"):
+        parse_config("default-schedule: '@daily'\ndefault_schedule: '@hourly'\n", PATH)
+
+
+def test_compound_time_span() -> None:
+    assert parse_config("randomized_delay: 1h 30min\n", PATH).randomized_delay == "1h 30min"
 
 
 BAD_CONFIGS = [
@@ -125,6 +137,9 @@ BAD_CONFIGS = [
     ),
     ("libvirt:\n  flags: -1\n", "libvirt.flags: expected a non-negative integer"),
     ("randomized_delay: soon\n", "randomized_delay: expected a systemd time span"),
+    ("encryption:\n  sign_key: [AAAAAAAA, BBBBBBBB]\n", "encryption.sign_key: expected one key"),
+    ("backends:\n  _x: file:///srv\n", "backends._x: expected a name of ASCII letters"),
+    ("libvirt-socket: maybe\n", "libvirt-socket: expected true or false"),
     ('defaults:\n  description: "two\\nlines"\n', "defaults.description: expected one line"),
 ]
 

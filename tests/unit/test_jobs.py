@@ -107,6 +107,7 @@ BAD_INSTANCES = [
     ('<instance><job depth="two"/></instance>', "job 1.depth: expected an integer"),
     ('<instance><job schedule="0 0 30 2 *"/></instance>', "never runs"),
     ('<instance><job colour="red"/></instance>', "job 1.colour: unknown option"),
+    ('<instance><job full-retention="3"/></instance>', "job 1.full-retention: unknown option"),
     ("<instance><job><disk>vda</disk></job></instance>", "unexpected element"),
     ("<instance><job><dev/></job></instance>", "empty <virt-dup:dev>"),
     ("<instance><job", "not well-formed XML"),
