@@ -1,0 +1,112 @@
+"""Fixtures for integration tests against the real libvirtd (``qemu:///system``).
+
+``libvirt_conn``  (session) an open ``libvirt.virConnect``.  Skips when the
+                  daemon is unreachable, fails instead when ``CI=true``.
+``make_domain``   (function) a :class:`libvirt_harness.DomainFactory`: call it
+                  to get a running (or shut-off) throw-away domain with qcow2
+                  chains; everything it made is removed after the test, even a
+                  failed one.
+``harness_session`` (session) this session's id and image root.
+
+Example::
+
+    from libvirt_harness import MIB, DiskSpec
+
+    pytestmark = pytest.mark.integration
+
+    def test_something(make_domain):
+        vm = make_domain(chain=["base", "vm"])            # vda: base.qcow2 <- vm.qcow2
+        assert vm.disk_source("vda") == vm.images["vda"][-1]
+        vm.write_pattern("vda", 0xCD, 1 * MIB, 1 * MIB)
+        assert vm.read_pattern_ok(vm.images["vda"][-1], 0xCD, 1 * MIB, 1 * MIB)
+
+At the end of the session every domain whose name carries this session's id
+(``<prefix>-<session id>-<n>``) is removed, with the session's image root
+``/var/lib/libvirt/images/vdt-<session id>``; other domains are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+from libvirt_harness import (
+    DEFAULT_IMAGES_PARENT,
+    LIBVIRT_URI,
+    DomainFactory,
+    HarnessSession,
+    new_session_id,
+    sweep_session,
+)
+
+
+@pytest.fixture(scope="session")
+def harness_session() -> HarnessSession:
+    """This test session's id and image root (created on first use)."""
+    parent = Path(os.environ.get("VIRT_DUP_TEST_IMAGES", DEFAULT_IMAGES_PARENT))
+    return HarnessSession.new(parent)
+
+
+@pytest.fixture(scope="session")
+def libvirt_conn(
+    harness_session: HarnessSession, require: Callable[[bool, str], None]
+) -> Iterator[libvirt.virConnect]:
+    """An open connection to ``qemu:///system``, shared by the whole session.
+
+    Skips (fails with ``CI=true``) when the daemon does not answer.  At the
+    end of the session it removes every domain left over from this session,
+    then closes.
+    """
+    # libvirt-python prints every error to stderr before raising it; the
+    # exception carries the message already.
+    libvirt.registerErrorHandler(lambda _context, _error: None, None)
+    try:
+        conn = libvirt.open(LIBVIRT_URI)
+    except libvirt.libvirtError as error:
+        require(False, f"libvirtd not reachable at {LIBVIRT_URI} ({error}); run scripts/setup")
+        raise
+    try:
+        yield conn
+    finally:
+        conn.close()
+        # Sweep through a fresh connection: a disruptive test may have
+        # restarted libvirtd, which breaks every open one.
+        sweeper = libvirt.open(LIBVIRT_URI)
+        try:
+            sweep_session(sweeper, harness_session.id, harness_session.images_root)
+        finally:
+            sweeper.close()
+
+
+def _directory_label(node_name: str) -> str:
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "-", node_name).strip("-.")
+    return label[:60] or "test"
+
+
+@pytest.fixture
+def make_domain(
+    request: pytest.FixtureRequest,
+    libvirt_conn: libvirt.virConnect,
+    harness_session: HarnessSession,
+) -> Iterator[DomainFactory]:
+    """A factory of throw-away domains; see :meth:`DomainFactory.__call__`.
+
+    ``make_domain(name_prefix="vdt", disks=("vda",), running=True,
+    chain=("base", "vm"), size=64 * MIB, guest_agent_channel=False)`` returns
+    a :class:`libvirt_harness.ScratchDomain`.  ``make_domain.create_image(name)``
+    makes an image to share as a base (``DiskSpec(backing=...)``).  Images go
+    to ``<images root>/<test name>-<n>/<domain>/<target>/``.  After the test
+    (passed or failed) every domain made is destroyed and undefined and the
+    test's directory deleted.
+    """
+    directory = harness_session.images_root / (
+        f"{_directory_label(request.node.name)}-{new_session_id()[:4]}"
+    )
+    with DomainFactory(
+        libvirt_conn, harness_session.id, directory, label=request.node.nodeid
+    ) as factory:
+        yield factory

@@ -1,0 +1,329 @@
+"""Jobs in real domain XML through the installed CLI, on a real libvirtd.
+
+Each test makes its own throw-away domain; the CLI runs as a separate
+process (``python -m virt_dup``), exactly as an admin would run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+from libvirt_harness import DiskSpec, ScratchDomain
+
+from virt_dup import NAMESPACE
+
+pytestmark = pytest.mark.integration
+
+# libvirt puts the element into the namespace itself (it refuses one declared here)
+OTHER_METADATA = '<settings keep="yes">spaces   kept <inner>x</inner></settings>'
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "virt-dup.yml"
+    path.write_text(
+        "libvirt:\n  uri: qemu:///system\n"
+        "backends:\n  local: file:///var/tmp/virt-dup-test-backups\n"
+        "defaults:\n  schedule: '0 2 * * *'\n"
+    )
+    return path
+
+
+def virt_dup(config: Path, *arguments: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    finished = subprocess.run(
+        [sys.executable, "-m", "virt_dup", "--config", str(config), *arguments],
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if check and finished.returncode != 0:
+        raise AssertionError(f"virt-dup {arguments} failed: {finished.stderr}")
+    return finished
+
+
+def metadata(vm: ScratchDomain, inactive: bool) -> str | None:
+    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG if inactive else libvirt.VIR_DOMAIN_AFFECT_LIVE
+    try:
+        return str(vm.domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE, flags))
+    except libvirt.libvirtError:
+        return None
+
+
+def jobs_json(config: Path, domain: str) -> list[dict[str, object]]:
+    return json.loads(virt_dup(config, "list-jobs", domain, "--json").stdout)
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running", "shut-off"])
+def test_add_list_remove(make_domain, config: Path, running: bool) -> None:
+    vm = make_domain(chain=["base", "vm"], running=running)
+    added = virt_dup(
+        config, "add-job", vm.name, "--dev", "vda", "--depth", "-1", "--backend", "local"
+    )
+    job_uuid = added.stdout.strip()
+    assert len(job_uuid) == 36
+
+    inactive = metadata(vm, inactive=True)
+    assert inactive is not None and job_uuid in inactive
+    if running:
+        live = metadata(vm, inactive=False)
+        assert live is not None and job_uuid in live
+    # the persistent file the generator reads holds it too
+    assert job_uuid in Path(f"/etc/libvirt/qemu/{vm.name}.xml").read_text()
+
+    (record,) = jobs_json(config, vm.name)
+    assert record["job"] == job_uuid
+    assert record["options"]["depth"] == -1
+    assert record["options"]["schedule"] == "0 2 * * *"  # from virt-dup.yml
+    assert record["disks"] == {"devs": ["vda"], "paths": []}
+    table = virt_dup(config, "list-jobs").stdout
+    assert job_uuid in table and vm.name in table
+
+    removed = virt_dup(config, "remove-job", job_uuid)
+    assert job_uuid in removed.stdout
+    assert jobs_json(config, vm.name) == []
+    assert metadata(vm, inactive=True) is None
+
+
+def test_add_job_by_uuid_and_path(make_domain, config: Path) -> None:
+    vm = make_domain(disks=["vda", "vdb"], chain=["vm"], running=True)
+    source = str(vm.images["vdb"][-1])
+    job_uuid = virt_dup(config, "add-job", vm.uuid, "--path", source).stdout.strip()
+    (record,) = jobs_json(config, vm.name)
+    assert record["job"] == job_uuid
+    assert record["disks"]["paths"] == [source]
+
+
+def test_metadata_survives_destroy_and_start(make_domain, config: Path) -> None:
+    vm = make_domain(chain=["base", "vm"], running=True)
+    job_uuid = virt_dup(config, "add-job", vm.name, "--schedule", "@daily").stdout.strip()
+    vm.domain.destroy()
+    vm.domain.create()
+    (record,) = jobs_json(config, vm.name)
+    assert record["job"] == job_uuid
+    assert record["options"]["schedule"] == "@daily"
+
+
+def test_seed_minimal_job_written_by_hand(make_domain, config: Path) -> None:
+    vm = make_domain(chain=["vm"], running=False)
+    # exactly what an admin types: virsh metadata --set, no virt-dup involved
+    subprocess.run(
+        [
+            "virsh",
+            "-q",
+            "-c",
+            "qemu:///system",
+            "metadata",
+            vm.name,
+            NAMESPACE,
+            "--key",
+            "virt-dup",
+            "--set",
+            "<instance><job/></instance>",
+            "--config",
+        ],
+        check=True,
+    )
+    first = jobs_json(config, vm.name)
+    (record,) = first
+    assert record["uuid_derived"] is True
+    assert record["options"]["depth"] == 0
+    assert record["options"]["schedule"] == "0 2 * * *"
+    assert record["options"]["encryption"] == "gpg"
+    # stable: the same id every time it is read
+    assert jobs_json(config, vm.name)[0]["job"] == record["job"]
+    # and it stays the same job when virt-dup rewrites the element
+    virt_dup(config, "add-job", vm.name)
+    ids = [job["job"] for job in jobs_json(config, vm.name)]
+    assert ids[0] == record["job"] and len(ids) == 2
+
+
+def test_other_namespaces_are_preserved_byte_for_byte(make_domain, config: Path) -> None:
+    vm = make_domain(chain=["vm"], running=True)
+    vm.domain.setMetadata(
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+        OTHER_METADATA,
+        "other",
+        "http://example.com/other",
+        libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+    )
+
+    def other(flags: int) -> str:
+        return str(
+            vm.domain.metadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT, "http://example.com/other", flags
+            )
+        )
+
+    before = [other(libvirt.VIR_DOMAIN_AFFECT_LIVE), other(libvirt.VIR_DOMAIN_AFFECT_CONFIG)]
+    job_uuid = virt_dup(config, "add-job", vm.name).stdout.strip()
+    virt_dup(config, "remove-job", job_uuid)
+    virt_dup(config, "add-job", vm.name)
+    virt_dup(config, "remove-all-jobs", vm.name, "--yes")
+    after = [other(libvirt.VIR_DOMAIN_AFFECT_LIVE), other(libvirt.VIR_DOMAIN_AFFECT_CONFIG)]
+    assert after == before
+
+
+def test_remove_all_jobs_asks_and_refuses_without_a_terminal(make_domain, config: Path) -> None:
+    vm = make_domain(chain=["vm"], running=False)
+    virt_dup(config, "add-job", vm.name)
+    virt_dup(config, "add-job", vm.name)
+    refused = virt_dup(config, "remove-all-jobs", vm.name, check=False)
+    assert refused.returncode == 2
+    assert "--yes" in refused.stderr
+    assert len(jobs_json(config, vm.name)) == 2
+    virt_dup(config, "remove-all-jobs", vm.name, "--yes")
+    assert jobs_json(config, vm.name) == []
+
+
+def test_transient_domain_is_refused(make_domain, config: Path, libvirt_conn) -> None:
+    vm = make_domain(chain=["vm"], running=True)
+    xml = vm.domain.XMLDesc(0)
+    vm.domain.undefine()  # still running: now transient
+    try:
+        refused = virt_dup(config, "add-job", vm.name, check=False)
+        assert refused.returncode == 2
+        assert "transient" in refused.stderr
+    finally:
+        libvirt_conn.defineXML(xml)  # give the harness its persistent domain back
+
+
+# -- bad input: one line, exit code, XML unchanged --------------------------------------
+BAD_ADD_JOB = [
+    (["--schedule", "0 0 30 2 *"], "never runs"),
+    (["--schedule", "61 * * * *"], "minute"),
+    (["--schedule", "* * * *"], "expected 5 fields"),
+    (["--schedule", "0 2 * * *\nExecStartPre=/bin/false"], "control character"),
+    (["--depth", "deep"], "--depth: expected an integer"),
+    (["--backend", "nowhere"], "no backend named 'nowhere'"),
+    (["--path", "/etc/passwd"], "is not a disk of domain"),
+    (["--dev", "vdz"], "has no disk vdz"),
+    (["--full-retention", "0"], "--full-retention: expected a whole number"),
+    (["--quiesce", "sometimes"], "--quiesce: expected one of"),
+    (["--full-every", "monthly"], "--full-every: expected an interval"),
+    (["--encryption-key", "xyz"], "--encryption-key: expected GPG key ids"),
+    (["--bogus-option"], "unrecognized arguments: --bogus-option"),
+    (["--uuid", "not-a-uuid"], "--uuid: expected a UUID"),
+    (["--description", "two\nlines"], "expected one line"),
+]
+
+
+@pytest.mark.parametrize(("arguments", "message"), BAD_ADD_JOB)
+def test_bad_add_job_changes_nothing(make_domain, config: Path, arguments, message) -> None:
+    vm = make_domain(disks=[DiskSpec("vda", chain=["vm"])], running=False)
+    existing = virt_dup(config, "add-job", vm.name).stdout.strip()
+    before = (vm.domain.XMLDesc(0), vm.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    refused = virt_dup(config, "add-job", vm.name, *arguments, check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert message in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "Traceback" not in refused.stderr
+    after = (vm.domain.XMLDesc(0), vm.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    assert after == before
+    assert [job["job"] for job in jobs_json(config, vm.name)] == [existing]
+
+
+def test_unknown_domain_and_job(config: Path, libvirt_conn) -> None:
+    missing = virt_dup(config, "add-job", "no-such-domain-virt-dup-test", check=False)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == (
+        "virt-dup: error: no domain named 'no-such-domain-virt-dup-test' on qemu:///system"
+    )
+    unknown_job = virt_dup(
+        config, "remove-job", "00000000-0000-4000-8000-000000000000", check=False
+    )
+    assert unknown_job.returncode == 2
+    assert "no job 00000000-0000-4000-8000-000000000000" in unknown_job.stderr
+
+
+@pytest.mark.parametrize(
+    ("config_text", "message"),
+    [
+        ("libvirt: [", "YAML syntax error"),
+        ("defaults:\n  depht: 1\n", "defaults.depht: unknown option"),
+        ("libvirt:\n  uri: 5\n", "libvirt.uri: expected a non-empty string"),
+    ],
+)
+def test_bad_config_changes_nothing(
+    make_domain, tmp_path: Path, config_text: str, message: str
+) -> None:
+    vm = make_domain(chain=["vm"], running=False)
+    bad = tmp_path / "bad.yml"
+    bad.write_text(config_text)
+    before = vm.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    refused = virt_dup(bad, "add-job", vm.name, check=False)
+    assert refused.returncode == 2
+    assert message in refused.stderr and str(bad) in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert vm.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before
+
+
+def test_hostile_metadata_is_refused_and_not_overwritten(make_domain, config: Path) -> None:
+    vm = make_domain(chain=["vm"], running=False)
+    hostile = '<instance><job uuid="not-a-uuid" schedule="@daily"/></instance>'
+    subprocess.run(
+        [
+            "virsh",
+            "-q",
+            "-c",
+            "qemu:///system",
+            "metadata",
+            vm.name,
+            NAMESPACE,
+            "--key",
+            "virt-dup",
+            "--set",
+            hostile,
+            "--config",
+        ],
+        check=True,
+    )
+    before = vm.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    refused = virt_dup(config, "add-job", vm.name, check=False)
+    assert refused.returncode == 2
+    assert "job 1.uuid: expected a UUID" in refused.stderr
+    assert vm.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before
+    # list-jobs keeps going and says which domain it skipped
+    listing = virt_dup(config, "list-jobs")
+    assert vm.name in listing.stderr and "skipped" in listing.stderr
+
+
+def restart_libvirtd(require) -> None:
+    """Stop the libvirtd that scripts/setup started (by its pid file) and start it again."""
+    pid_file = Path("/run/libvirtd.pid")
+    require(pid_file.exists(), "libvirtd was not started by scripts/setup (no /run/libvirtd.pid)")
+    pid = int(pid_file.read_text().strip())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, f"libvirtd (pid {pid}) did not stop"
+        time.sleep(0.1)
+    subprocess.run(["libvirtd", "-d"], check=True)
+    deadline = time.monotonic() + 60
+    while subprocess.run(
+        ["virsh", "-c", "qemu:///system", "version"], capture_output=True, check=False
+    ).returncode:
+        assert time.monotonic() < deadline, "libvirtd did not come back"
+        time.sleep(0.2)
+
+
+@pytest.mark.disruptive
+def test_metadata_survives_a_libvirtd_restart(make_domain, config: Path, require) -> None:
+    running = make_domain(chain=["base", "vm"], running=True)
+    shut_off = make_domain(chain=["vm"], running=False)
+    jobs = {
+        vm.name: virt_dup(config, "add-job", vm.name).stdout.strip() for vm in (running, shut_off)
+    }
+    restart_libvirtd(require)
+    make_domain.conn = libvirt.open("qemu:///system")  # the old connection died with the daemon
+    for name, job_uuid in jobs.items():
+        assert [job["job"] for job in jobs_json(config, name)] == [job_uuid]
+    assert make_domain.conn.lookupByName(running.name).isActive()
