@@ -201,6 +201,9 @@ def print_jobs(records: list[dict[str, Any]], as_json: bool, out: TextIO = sys.s
         json.dump(records, out, indent=2)
         out.write("\n")
         return
+    if not records:
+        out.write("no jobs\n")
+        return
     header = ("DOMAIN", "JOB", "DISKS", "SCHEDULE", "DEPTH", "BACKEND")
     rows = [header]
     for record in records:
@@ -223,5 +226,3 @@ def print_jobs(records: list[dict[str, Any]], as_json: bool, out: TextIO = sys.s
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         out.write("  ".join([*cells, row[-1]]).rstrip() + "\n")
-    if not records:
-        out.write("no jobs\n")
