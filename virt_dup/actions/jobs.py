@@ -20,6 +20,7 @@ from virt_dup.errors import ConfigError, NotFoundError, UsageError, VirtDupError
 from virt_dup.hypervisor import Disk, Hypervisor, real_path
 from virt_dup.jobs import DiskSelector, Job, is_valid_uuid
 from virt_dup.options import OPTIONS_BY_NAME, JobOptions
+from virt_dup.state import StateStore
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,9 @@ def remove_all_jobs(
 
 # -- list-jobs ----------------------------------------------------------------
 def job_record(job: Job, config: Config, domain: libvirt.virDomain | None = None) -> dict[str, Any]:
-    """A job with its effective options (defaults applied), for tables and --json."""
+    """A job with its effective options (defaults applied) and its last results."""
     effective = job.options.over(config.defaults)
+    status = StateStore(config.state_directory).load_status(job.uuid)
     record: dict[str, Any] = {
         "domain": job.domain_name,
         "domain_uuid": job.domain_uuid,
@@ -169,10 +171,20 @@ def job_record(job: Job, config: Config, domain: libvirt.virDomain | None = None
         "options": {name: _jsonable(value) for name, value in effective.set_values().items()},
         "set_on_job": sorted(job.options.set_values()),
         "timer": bool(effective.schedule or effective.full_schedule),
+        "last_run": status.get("last_run"),
+        "last_success": status.get("last_success"),
+        "last_error": status.get("last_error"),
     }
     if domain is not None:
         record["domain_state"] = "running" if domain.isActive() else "shut off"
     return record
+
+
+def _last_run(last_run: dict[str, Any] | None) -> str:
+    if not last_run:
+        return "never"
+    when = str(last_run.get("finished", ""))[:16].replace("T", " ")
+    return f"{last_run.get('result', '?')} {when}".strip()
 
 
 def _jsonable(value: object) -> object:
@@ -204,7 +216,7 @@ def print_jobs(records: list[dict[str, Any]], as_json: bool, out: TextIO = sys.s
     if not records:
         out.write("no jobs\n")
         return
-    header = ("DOMAIN", "JOB", "DISKS", "SCHEDULE", "DEPTH", "BACKEND")
+    header = ("DOMAIN", "JOB", "DISKS", "SCHEDULE", "DEPTH", "BACKEND", "LAST RUN")
     rows = [header]
     for record in records:
         options = record["options"]
@@ -220,6 +232,7 @@ def print_jobs(records: list[dict[str, Any]], as_json: bool, out: TextIO = sys.s
                 schedule,
                 str(options.get("depth", 0)),
                 ",".join(options.get("backends") or []) or "(none)",
+                _last_run(record.get("last_run")),
             )
         )
     widths = [max(len(row[column]) for row in rows) for column in range(len(header) - 1)]
