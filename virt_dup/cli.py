@@ -15,16 +15,19 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 import argcomplete
 
-from virt_dup import __version__
+from virt_dup import __version__, journal
 from virt_dup.actions import jobs as job_actions
-from virt_dup.config import Config, load_config
+from virt_dup.actions import units as unit_actions
+from virt_dup.config import SCOPES, Config, load_config
 from virt_dup.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, VirtDupError
 from virt_dup.hypervisor import Hypervisor
 from virt_dup.options import OPTIONS
+from virt_dup.systemd import ServiceManager, SystemdError, SystemdUnavailable
 
 PROGRAM = "virt-dup"
 log = logging.getLogger("virt_dup")
@@ -91,6 +94,31 @@ class Context:
         return self._hypervisor
 
 
+def sync_after_job_change(context: Context) -> None:
+    """Jobs changed: have the manager run the generator and start/stop timers now.
+
+    Everything goes to stderr (stdout of add-job is the job uuid).  No manager
+    is a notice, a failing one a warning: the XML is written either way, and
+    virt-dup-reload.path or the next daemon-reload catches up.
+    """
+    try:
+        with ServiceManager.connect(context.config.scope) as manager:
+            report = unit_actions.sync_timers(manager)
+    except SystemdUnavailable as error:
+        log.debug("%s", error)
+        print(
+            f"{PROGRAM}: notice: no systemd manager reachable; timers change at the next "
+            "daemon-reload",
+            file=sys.stderr,
+        )
+        return
+    except SystemdError as error:
+        print(f"{PROGRAM}: warning: {error}; run '{PROGRAM} sync-timers'", file=sys.stderr)
+        return
+    for line in report.lines():
+        print(f"{PROGRAM}: {line}", file=sys.stderr)
+
+
 def cmd_add_job(context: Context) -> int:
     arguments = context.arguments
     values: dict[str, object] = {}
@@ -114,12 +142,14 @@ def cmd_add_job(context: Context) -> int:
             "defaults.schedule: it gets no timer (run it with 'virt-dup run')",
             file=sys.stderr,
         )
+    sync_after_job_change(context)
     return EXIT_OK
 
 
 def cmd_remove_job(context: Context) -> int:
     job = job_actions.remove_job(context.hypervisor, context.arguments.job)
     print(f"removed job {job.uuid} from domain {job.domain_name}")
+    sync_after_job_change(context)
     return EXIT_OK
 
 
@@ -144,6 +174,8 @@ def cmd_remove_all_jobs(context: Context) -> int:
         print(f"removed job {job.uuid} from domain {job.domain_name}")
     if not removed:
         print("no jobs to remove")
+    else:
+        sync_after_job_change(context)
     return EXIT_OK
 
 
@@ -199,6 +231,93 @@ def cmd_schedule_explain(context: Context) -> int:
     for run in runs:
         print(f"# next: {run.strftime('%a %Y-%m-%d %H:%M %Z')}")
     return EXIT_OK
+
+
+def cmd_install_units(context: Context) -> int:
+    arguments = context.arguments
+    config = context.config
+    settings = unit_actions.InstallSettings.from_config(
+        config,
+        scope=arguments.scope,
+        unit_directory=arguments.unit_dir,
+        generator_directory=arguments.generator_dir,
+    )
+    mismatch = unit_actions.check_scope(config, settings.scope)
+    if mismatch:
+        print(f"{PROGRAM}: notice: {mismatch}", file=sys.stderr)
+    unit_sources, generator_source = unit_actions.read_sources(
+        unit_actions.data_directory("units"), unit_actions.data_directory("generator")
+    )
+    installation = unit_actions.render_installation(settings, unit_sources, generator_source)
+    if arguments.dry_run:
+        for path, (text, mode) in sorted(installation.files.items()):
+            print(f"# {path} (mode {mode:04o})")
+            print(text, end="" if text.endswith("\n") else "\n")
+        for link, target in sorted(installation.symlinks.items()):
+            print(f"# {link} -> {target}")
+        return EXIT_OK
+    unit_actions.write_installation(installation)
+    for path in sorted(installation.files):
+        print(f"installed {path}")
+    for link, target in sorted(installation.symlinks.items()):
+        print(f"linked {link} -> {target}")
+    systemctl = "systemctl" if settings.scope == "system" else "systemctl --user"
+    try:
+        with ServiceManager.connect(settings.scope) as manager:
+            started = unit_actions.start_installed(manager)
+    except SystemdUnavailable as error:
+        log.debug("%s", error)
+        print(
+            f"{PROGRAM}: notice: no systemd {settings.scope} manager reachable; the units take "
+            f"effect at the next boot, or run: {systemctl} daemon-reload && "
+            f"{systemctl} start {' '.join(unit_actions.START_UNITS)}",
+            file=sys.stderr,
+        )
+        return EXIT_OK
+    print(f"reloaded the {settings.scope} manager; started {', '.join(started)}")
+    return EXIT_OK
+
+
+def cmd_sync_timers(context: Context) -> int:
+    with ServiceManager.connect(context.config.scope) as manager:
+        report = unit_actions.sync_timers(manager)
+    for line in report.lines():
+        print(line)
+    print(
+        f"timers: {len(report.started)} started, {len(report.removed)} stopped, "
+        f"{len(report.paused)} paused, {report.unchanged} unchanged"
+    )
+    return EXIT_FAILED if report.not_active else EXIT_OK
+
+
+def cmd_run(context: Context) -> int:
+    # The backup itself is a later issue.  Until then a run says so, in the
+    # journal, in its last-run record and with its exit code: it never
+    # pretends a backup happened.
+    arguments = context.arguments
+    started = datetime.now(UTC).astimezone()
+    domain, job = context.hypervisor.find_job(arguments.job)
+    backup_type = "full" if arguments.full else "auto"
+    record = unit_actions.RunRecord(
+        job=job.uuid,
+        domain=domain.name(),
+        domain_uuid=domain.UUIDString(),
+        backup_type=backup_type,
+        started=unit_actions.now_text(started),
+        finished=unit_actions.now_text(datetime.now(UTC).astimezone()),
+        result=unit_actions.RESULT_NOT_IMPLEMENTED,
+        invocation_id=os.environ.get("INVOCATION_ID"),
+    )
+    unit_actions.write_last_run(context.config.state_directory, record)
+    journal.record(
+        f"job {job.uuid} of domain {domain.name()}: backup not implemented yet",
+        priority=journal.PRIORITY_ERR,
+        JOB_UUID=job.uuid,
+        DOMAIN=domain.name(),
+        BACKUP_TYPE=backup_type,
+        RESULT=record.result,
+    )
+    raise VirtDupError("backup not implemented yet")
 
 
 def cmd_help(context: Context) -> int:
@@ -318,6 +437,55 @@ def build_parser() -> tuple[ArgumentParser, argparse._SubParsersAction[ArgumentP
     )
     explain.add_argument("--json", action="store_true", help="machine-readable output")
     explain.set_defaults(handler=cmd_schedule_explain)
+
+    install = subparsers.add_parser(
+        "install-units",
+        help="install the systemd units and the generator",
+        description="Install virt-dup's systemd units (virt-dup@.service, virt-dup.target, "
+        "virt-dup-reload.path...) and virt-dup-generator, with the path of this virt-dup and "
+        "of virt-dup.yml filled in; then reload the manager and start virt-dup.target.",
+    )
+    install.add_argument(
+        "--scope",
+        choices=SCOPES,
+        help="which manager: system (PID 1) or user (systemd --user); default: scope in "
+        "virt-dup.yml",
+    )
+    install.add_argument(
+        "--unit-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the units go (default: /etc/systemd/system, or ~/.config/systemd/user)",
+    )
+    install.add_argument(
+        "--generator-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the generator goes (default: /etc/systemd/system-generators, or "
+        "/etc/systemd/user-generators)",
+    )
+    install.add_argument(
+        "--dry-run", action="store_true", help="print the files instead of writing them"
+    )
+    install.set_defaults(handler=cmd_install_units)
+
+    sync = subparsers.add_parser(
+        "sync-timers",
+        help="start new and stop removed job timers",
+        description="Reload the systemd manager (re-running virt-dup-generator), start the "
+        "timer of every job that has none running and stop the timers of removed jobs. "
+        "virt-dup-reload.service runs this when virt-dup.yml or a domain definition changes.",
+    )
+    sync.set_defaults(handler=cmd_sync_timers)
+
+    run = subparsers.add_parser(
+        "run",
+        help="run one backup job (what the timers start)",
+        description="Run the backup job JOB_UUID; virt-dup@JOB_UUID.service does this.",
+    )
+    run.add_argument("job", metavar="JOB_UUID").completer = complete_jobs  # type: ignore[attr-defined]
+    run.add_argument("--full", action="store_true", help="a full backup, not an incremental")
+    run.set_defaults(handler=cmd_run)
 
     helper = subparsers.add_parser("help", help="show help for a command")
     helper.add_argument("verb", metavar="COMMAND", nargs="?")

@@ -1,0 +1,336 @@
+"""virt-dup under a real systemd manager: install, timers appear, fire, follow every change.
+
+A ``systemd --user`` in a private mount namespace (systemd_harness) plays
+the service manager; the domains are real ones on ``qemu:///system`` (that
+is where libvirtd runs here), so virt-dup.yml says ``scope: user`` (which
+manager) and ``libvirt.uri: qemu:///system`` (which hypervisor): two
+independent settings.
+
+Every command a user would type runs inside the namespace with the
+manager's environment; nothing here reloads the manager by hand.  What the
+tests observe is what systemd reports (``systemctl --user show``/
+``list-timers``) and the record ``virt-dup run`` leaves in the state dir.
+
+Two test-only drop-ins, written as an admin would (no test branches in
+virt-dup):
+
+* ``virt-dup@.timer.d``: ``AccuracySec=1s``.  systemd's default of one
+  minute may delay a ``* * * * *`` timer by up to a minute more.
+* ``virt-dup@.service.d``/``virt-dup-full@.service.d``: ``ExecCondition=``
+  lets only this test's job ids run.  The generator reads every domain in
+  /etc/libvirt/qemu, including other tests' domains and their jobs; their
+  runs are not this manager's business.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from libvirt_harness import DomainFactory
+from systemd_harness import (  # noqa: F401 - fixtures
+    UserManager,
+    unprivileged_user_manager,
+    user_manager,
+)
+
+from virt_dup import NAMESPACE
+from virt_dup.systemd import ServiceManager
+
+pytestmark = pytest.mark.integration
+
+VIRT_DUP = Path(sys.executable).parent / "virt-dup"
+REPOSITORY = Path(__file__).resolve().parents[2]
+GENERATOR_DIR = Path("/run/systemd/user-generators")  # inside the namespace
+LIBVIRT_CONFIG_DIR = Path("/etc/libvirt/qemu")
+#: virt-dup-reload.path -> sync-timers: how long a change may take to reach the timers.
+PICKUP_TIMEOUT = 20.0
+
+
+class Host:
+    """The test's host: a user manager with virt-dup installed, and its virt-dup.yml."""
+
+    def __init__(self, manager: UserManager, allowed_jobs: list[str]) -> None:
+        self.manager = manager
+        self.config = manager.root / "virt-dup.yml"
+        self.state = manager.root / "state"
+        self.write_config()
+        self.unit_dir = manager.config_home / "systemd" / "user"
+        self._write_test_drop_ins(allowed_jobs)
+
+    def write_config(self, extra: str = "") -> None:
+        self.config.write_text(
+            "scope: user\n"
+            "libvirt:\n"
+            "  uri: qemu:///system\n"
+            f"  config_dir: {LIBVIRT_CONFIG_DIR}\n"
+            f"state_dir: {self.state}\n" + extra
+        )
+
+    def _write_test_drop_ins(self, allowed_jobs: list[str]) -> None:
+        accuracy = self.unit_dir / "virt-dup@.timer.d" / "90-test-accuracy.conf"
+        accuracy.parent.mkdir(parents=True)
+        accuracy.write_text("[Timer]\nAccuracySec=1s\n")
+        condition = "case %i in {}) exit 0;; *) exit 1;; esac".format("|".join(allowed_jobs))
+        for service in ("virt-dup@.service", "virt-dup-full@.service"):
+            drop_in = self.unit_dir / f"{service}.d" / "90-test-only-our-jobs.conf"
+            drop_in.parent.mkdir(parents=True)
+            drop_in.write_text(f"[Service]\nExecCondition=/bin/sh -c '{condition}'\n")
+
+    def virt_dup(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.manager.run(
+            [VIRT_DUP, *args], env={"VIRT_DUP_CONFIG": str(self.config)}, check=check
+        )
+
+    def install(self) -> subprocess.CompletedProcess[str]:
+        return self.virt_dup(
+            "install-units",
+            "--scope",
+            "user",
+            "--unit-dir",
+            str(self.unit_dir),
+            "--generator-dir",
+            str(GENERATOR_DIR),
+        )
+
+    def active_timers(self) -> set[str]:
+        """Names of the virt-dup timers ``systemctl --user list-timers`` shows."""
+        listing = self.manager.systemctl(
+            "list-timers", "--plain", "--no-legend", "virt-dup@*", "virt-dup-full@*"
+        ).stdout
+        return set(re.findall(r"virt-dup(?:-full)?@[0-9a-f-]{36}\.timer", listing))
+
+    def show(self, unit: str, *properties: str) -> dict[str, str]:
+        output = self.manager.systemctl(
+            "show", unit, *(f"--property={name}" for name in properties)
+        ).stdout
+        return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+
+    def has_run(self, unit: str) -> bool:
+        started = self.show(unit, "ExecMainStartTimestampMonotonic")
+        return started.get("ExecMainStartTimestampMonotonic", "0") not in ("", "0")
+
+    def wait_for_timer(self, timer: str, present: bool = True) -> None:
+        what = f"{timer} {'listed' if present else 'gone'} by list-timers"
+        self.manager.wait_for(
+            what, lambda: (timer in self.active_timers()) == present, PICKUP_TIMEOUT
+        )
+
+
+def virsh(*args: str) -> str:
+    argv = ["virsh", "--quiet", "-c", "qemu:///system", *args]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"{' '.join(argv)}: {result.stderr}"
+    return result.stdout
+
+
+def test_added_job_gets_a_timer_at_once_it_fires_and_runs_the_job(
+    user_manager: UserManager,  # noqa: F811
+    make_domain: DomainFactory,
+) -> None:
+    started = time.monotonic()
+    job = str(uuid.uuid4())
+    host = Host(user_manager, [job])
+    installed = host.install()
+    assert "started virt-dup.target, virt-dup-reload.path" in installed.stdout
+    vm = make_domain()
+
+    added = host.virt_dup("add-job", vm.name, "--uuid", job, "--schedule", "* * * * *")
+
+    # At once: no daemon-reload by hand, no waiting.  (add-job's own sync and
+    # the one virt-dup-reload.path starts race; either may start the timer.)
+    assert added.stdout.strip() == job
+    timer = f"virt-dup@{job}.timer"
+    assert timer in host.active_timers()
+    assert host.show(timer, "PartOf")["PartOf"] == "virt-dup.target"
+    with ServiceManager.connect("user", environ=user_manager.env) as manager:
+        next_run = manager.next_elapse(timer)
+        assert next_run is not None
+        assert timedelta(0) < next_run - datetime.now(UTC) <= timedelta(seconds=61)
+        assert [unit.active_state for unit in manager.list_units([timer])] == ["active"]
+
+    # It fires at the next minute and the run it starts resolves the job
+    # through libvirt, records that no backup happened and fails (exit 1).
+    service = f"virt-dup@{job}.service"
+    user_manager.wait_for(
+        f"{service} started by its timer",
+        lambda: host.has_run(service),
+        timeout=75,
+    )
+    user_manager.wait_for(
+        f"{service} finished",
+        lambda: host.show(service, "ActiveState")["ActiveState"] in ("failed", "inactive"),
+        timeout=30,
+    )
+    ran = host.show(service, "Result", "ExecMainStatus", "InvocationID")
+    assert ran["Result"] == "exit-code"
+    assert ran["ExecMainStatus"] == "1"
+    record = json.loads((host.state / "last-run" / f"{job}.json").read_text())
+    assert record["job"] == job
+    assert record["domain"] == vm.name
+    assert record["result"] == "not-implemented"
+    assert record["invocation_id"] == ran["InvocationID"]
+    assert host.show(timer, "LastTriggerUSecMonotonic")["LastTriggerUSecMonotonic"] != "0"
+
+    # OnFailure= started the alert unit for that failure.
+    alert = f"virt-dup-alert@{service}.service"
+    user_manager.wait_for(
+        f"{alert} ran",
+        lambda: (
+            host.show(alert, "Result", "ExecMainStatus", "ActiveState")
+            == {"Result": "success", "ExecMainStatus": "0", "ActiveState": "inactive"}
+        ),
+        timeout=15,
+    )
+
+    host.virt_dup("remove-job", job)
+
+    assert timer not in host.active_timers()
+    print(f"end to end in {time.monotonic() - started:.1f}s")
+
+
+def test_jobs_edited_outside_virt_dup_and_config_changes_reach_the_timers(
+    user_manager: UserManager,  # noqa: F811
+    make_domain: DomainFactory,
+) -> None:
+    scheduled, unscheduled = str(uuid.uuid4()), str(uuid.uuid4())
+    host = Host(user_manager, [scheduled, unscheduled])
+    host.install()
+    vm = make_domain(running=False)
+
+    # A job written with virsh alone, into the persistent definition:
+    # libvirt rewrites /etc/libvirt/qemu/<vm>.xml, virt-dup-reload.path sees it.
+    virsh(
+        "metadata",
+        vm.name,
+        NAMESPACE,
+        "--config",
+        "--key",
+        "virt-dup",
+        "--set",
+        f'<instance><job uuid="{scheduled}" schedule="0 3 * * *"/>'
+        f'<job uuid="{unscheduled}"/></instance>',
+    )
+    host.wait_for_timer(f"virt-dup@{scheduled}.timer")
+    assert f"virt-dup@{unscheduled}.timer" not in host.active_timers()
+    timer = f"virt-dup@{scheduled}.timer"
+    calendar = host.show(timer, "TimersCalendar")["TimersCalendar"]
+    assert "OnCalendar=*-*-* 03:00:00" in calendar
+
+    # Pause: stopping virt-dup.target stops every timer (PartOf=) and the
+    # watcher; sync-timers leaves them stopped until the target starts again.
+    user_manager.systemctl("stop", "virt-dup.target")
+    assert timer not in host.active_timers()
+    assert host.show("virt-dup-reload.path", "ActiveState")["ActiveState"] == "inactive"
+    synced = host.virt_dup("sync-timers")
+    assert "virt-dup.target is not active" in synced.stdout
+    assert timer not in host.active_timers()
+    user_manager.systemctl("start", "virt-dup.target")
+    assert timer in host.active_timers()
+    assert host.show("virt-dup-reload.path", "ActiveState")["ActiveState"] == "active"
+
+    # virt-dup.yml gains a default schedule: the job without one gets a timer.
+    host.write_config('defaults:\n  schedule: "30 4 * * *"\n')
+    host.wait_for_timer(f"virt-dup@{unscheduled}.timer")
+
+    # The jobs go (virsh again): their timers stop.
+    virsh("metadata", vm.name, NAMESPACE, "--config", "--remove")
+    host.wait_for_timer(f"virt-dup@{scheduled}.timer", present=False)
+    host.wait_for_timer(f"virt-dup@{unscheduled}.timer", present=False)
+
+    # Each of those changes went through the watcher: no virt-dup command ran.
+    assert host.has_run("virt-dup-reload.service")
+
+
+def test_the_run_services_sandboxing_works_in_an_unprivileged_user_manager(
+    unprivileged_user_manager: UserManager,  # noqa: F811
+) -> None:
+    """A desktop user's manager has no capabilities: the shared drop-in must
+    still start a service; the system-only one must not be installed there."""
+    manager = unprivileged_user_manager
+    unit_dir = manager.config_home / "systemd" / "user"
+    manager.run(
+        [
+            VIRT_DUP,
+            "install-units",
+            "--scope",
+            "user",
+            "--unit-dir",
+            str(unit_dir),
+            "--generator-dir",
+            str(GENERATOR_DIR),
+        ],
+        as_root=True,  # /run/systemd/user-generators is root's
+    )
+    assert not list(unit_dir.rglob("60-virt-dup-run-system.conf"))
+    # This user cannot run the venv's Python (it is under /root): run a
+    # stand-in with exactly the installed unit and drop-ins around it.
+    stand_in = unit_dir / "virt-dup@.service.d" / "90-test-stand-in.conf"
+    stand_in.write_text("[Service]\nExecStart=\nExecStart=/bin/true\n")
+    system_only = unit_dir / "virt-dup-full@.service.d" / "60-virt-dup-run-system.conf"
+    system_only.write_text((REPOSITORY / "units" / "virt-dup-run-system.conf").read_text())
+    (unit_dir / "virt-dup-full@.service.d" / "90-test-stand-in.conf").write_text(
+        stand_in.read_text()
+    )
+    for path in (stand_in, system_only, system_only.parent / stand_in.name):
+        os.chown(path, manager.uid, manager.gid)
+    manager.systemctl("daemon-reload")
+    job = str(uuid.uuid4())
+
+    started = manager.systemctl("start", f"virt-dup@{job}.service", check=False)
+    full = manager.systemctl("start", f"virt-dup-full@{job}.service", check=False)
+
+    def show(unit: str) -> dict[str, str]:
+        output = manager.systemctl("show", unit, "-p", "Result", "-p", "ExecMainStatus").stdout
+        return dict(line.split("=", 1) for line in output.splitlines())
+
+    assert started.returncode == 0, started.stderr + manager.log()
+    assert show(f"virt-dup@{job}.service") == {"Result": "success", "ExecMainStatus": "0"}
+    # The split is needed: with the system-only settings the start fails
+    # (218/CAPABILITIES) before anything runs.
+    assert full.returncode != 0
+    assert show(f"virt-dup-full@{job}.service") == {
+        "Result": "exit-code",
+        "ExecMainStatus": "218",
+    }
+
+
+def test_a_run_record_reaches_journald_as_structured_fields(
+    user_manager: UserManager,  # noqa: F811
+) -> None:
+    """virt_dup.journal speaks journald's native protocol when its socket exists.
+
+    No journald runs here; inside the namespace (its own /run/systemd) a
+    datagram socket at journald's path receives exactly what journald would.
+    """
+    script = (
+        "import os, socket\n"
+        "from virt_dup import journal\n"
+        "os.makedirs('/run/systemd/journal', exist_ok=True)\n"
+        "server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+        "server.bind('/run/systemd/journal/socket')\n"
+        "server.settimeout(10)\n"
+        "journal.record('backup not implemented yet', priority=journal.PRIORITY_ERR,\n"
+        "               JOB_UUID='0e1f2a3b-1111-4222-8333-444455556666', DOMAIN='vm01',\n"
+        "               RESULT='not-implemented')\n"
+        "print(server.recv(65536).decode())\n"
+    )
+
+    received = user_manager.run([sys.executable, "-c", script], as_root=True)
+
+    fields = dict(line.split("=", 1) for line in received.stdout.splitlines() if "=" in line)
+    assert fields["MESSAGE"] == "backup not implemented yet"
+    assert fields["PRIORITY"] == "3"
+    assert fields["JOB_UUID"] == "0e1f2a3b-1111-4222-8333-444455556666"
+    assert fields["DOMAIN"] == "vm01"
+    assert fields["RESULT"] == "not-implemented"
+    assert fields["SYSLOG_IDENTIFIER"] == "virt-dup"
+    assert received.stderr == ""  # nothing fell back to stderr
