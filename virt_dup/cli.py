@@ -20,11 +20,18 @@ from typing import Any, NoReturn
 
 import argcomplete
 
-from virt_dup import __version__, journal
+from virt_dup import __version__
 from virt_dup.actions import jobs as job_actions
 from virt_dup.actions import units as unit_actions
 from virt_dup.config import SCOPES, Config, load_config
-from virt_dup.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, VirtDupError
+from virt_dup.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    NotFoundError,
+    UsageError,
+    VirtDupError,
+)
 from virt_dup.hypervisor import Hypervisor
 from virt_dup.options import OPTIONS
 from virt_dup.systemd import ServiceManager, SystemdError, SystemdUnavailable
@@ -291,33 +298,50 @@ def cmd_sync_timers(context: Context) -> int:
 
 
 def cmd_run(context: Context) -> int:
-    # The backup itself is a later issue.  Until then a run says so, in the
-    # journal, in its last-run record and with its exit code: it never
-    # pretends a backup happened.
+    from virt_dup.run import run_job
+
     arguments = context.arguments
-    started = datetime.now(UTC).astimezone()
-    domain, job = context.hypervisor.find_job(arguments.job)
-    backup_type = "full" if arguments.full else "auto"
-    record = unit_actions.RunRecord(
-        job=job.uuid,
-        domain=domain.name(),
-        domain_uuid=domain.UUIDString(),
-        backup_type=backup_type,
-        started=unit_actions.now_text(started),
-        finished=unit_actions.now_text(datetime.now(UTC).astimezone()),
-        result=unit_actions.RESULT_NOT_IMPLEMENTED,
-        invocation_id=os.environ.get("INVOCATION_ID"),
-    )
-    unit_actions.write_last_run(context.config.state_directory, record)
-    journal.record(
-        f"job {job.uuid} of domain {domain.name()}: backup not implemented yet",
-        priority=journal.PRIORITY_ERR,
-        JOB_UUID=job.uuid,
-        DOMAIN=domain.name(),
-        BACKUP_TYPE=backup_type,
-        RESULT=record.result,
-    )
-    raise VirtDupError("backup not implemented yet")
+    if (arguments.job is None) == (arguments.domain is None):
+        raise UsageError("give either JOB_UUID or --domain DOMAIN")
+    hypervisor = context.hypervisor
+    if arguments.domain is not None:
+        domain = hypervisor.domain(arguments.domain)
+        job_ids = [job.uuid for job in hypervisor.jobs(domain)]
+        if not job_ids:
+            raise NotFoundError(f"domain {domain.name()} has no virt-dup jobs")
+    else:
+        job_ids = [arguments.job]
+    progress = _print_progress if sys.stderr.isatty() else None
+    for job_id in job_ids:
+        result = run_job(
+            context.config,
+            hypervisor,
+            job_id,
+            force_full=arguments.full,
+            dry_run=arguments.dry_run,
+            progress=progress,
+        )
+        if result.result != "dry-run":
+            print(result.summary())
+    return EXIT_OK
+
+
+def _print_progress(progress: object) -> None:
+    print(f"\r{PROGRAM}: {progress}", end="", file=sys.stderr, flush=True)
+
+
+def cmd_recover(context: Context) -> int:
+    from virt_dup.recovery import recover_all
+    from virt_dup.state import StateStore
+
+    done, errors = recover_all(context.hypervisor, StateStore(context.config.state_directory))
+    for line in done:
+        print(f"recovered: {line}")
+    for line in errors:
+        print(f"{PROGRAM}: error: {line}", file=sys.stderr)
+    if not done and not errors:
+        print("nothing to recover")
+    return EXIT_FAILED if errors else EXIT_OK
 
 
 def cmd_help(context: Context) -> int:
@@ -483,9 +507,26 @@ def build_parser() -> tuple[ArgumentParser, argparse._SubParsersAction[ArgumentP
         help="run one backup job (what the timers start)",
         description="Run the backup job JOB_UUID; virt-dup@JOB_UUID.service does this.",
     )
-    run.add_argument("job", metavar="JOB_UUID").completer = complete_jobs  # type: ignore[attr-defined]
+    run.add_argument("job", metavar="JOB_UUID", nargs="?").completer = complete_jobs  # type: ignore[attr-defined]
+    run.add_argument(
+        "--domain", metavar="DOMAIN", help="run every job of DOMAIN now, one after the other"
+    ).completer = complete_domains  # type: ignore[attr-defined]
     run.add_argument("--full", action="store_true", help="a full backup, not an incremental")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (disks, chain files selected by depth, full or incremental, "
+        "backend) and change nothing",
+    )
     run.set_defaults(handler=cmd_run)
+
+    recover = subparsers.add_parser(
+        "recover",
+        help="finish or roll back interrupted runs (what the boot unit does)",
+        description="Merge every virt-dup overlay an interrupted run left back into its "
+        "disk, so each domain runs on its original top image with every write kept.",
+    )
+    recover.set_defaults(handler=cmd_recover)
 
     helper = subparsers.add_parser("help", help="show help for a command")
     helper.add_argument("verb", metavar="COMMAND", nargs="?")
