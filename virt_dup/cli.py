@@ -110,7 +110,9 @@ def sync_after_job_change(context: Context) -> None:
     """
     try:
         with ServiceManager.connect(context.config.scope) as manager:
-            report = unit_actions.sync_timers(manager)
+            report = unit_actions.sync_until_settled(
+                manager, lambda: unit_actions.watched_files_state(context.config)
+            )
     except SystemdUnavailable as error:
         log.debug("%s", error)
         print(
@@ -286,8 +288,14 @@ def cmd_install_units(context: Context) -> int:
 
 
 def cmd_sync_timers(context: Context) -> int:
+    # virt-dup-reload.service runs this: wait for the watched files to settle,
+    # since the path unit drops changes made while this service runs.
     with ServiceManager.connect(context.config.scope) as manager:
-        report = unit_actions.sync_timers(manager)
+        report = unit_actions.sync_until_settled(
+            manager,
+            lambda: unit_actions.watched_files_state(context.config),
+            settle_seconds=1.0,
+        )
     for line in report.lines():
         print(line)
     print(

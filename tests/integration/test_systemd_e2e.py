@@ -62,6 +62,7 @@ class Host:
         self.manager = manager
         self.config = manager.root / "virt-dup.yml"
         self.state = manager.root / "state"
+        self.backend = manager.root / "backend"
         self.write_config()
         self.unit_dir = manager.config_home / "systemd" / "user"
         self._write_test_drop_ins(allowed_jobs)
@@ -72,7 +73,9 @@ class Host:
             "libvirt:\n"
             "  uri: qemu:///system\n"
             f"  config_dir: {LIBVIRT_CONFIG_DIR}\n"
-            f"state_dir: {self.state}\n" + extra
+            f"backends:\n  local: file://{self.backend}\n"
+            f"state_dir: {self.state}\n"
+            f"cache_dir: {self.manager.root / 'cache'}\n" + extra
         )
 
     def _write_test_drop_ins(self, allowed_jobs: list[str]) -> None:
@@ -143,7 +146,18 @@ def test_added_job_gets_a_timer_at_once_it_fires_and_runs_the_job(
     assert "started virt-dup.target, virt-dup-reload.path" in installed.stdout
     vm = make_domain()
 
-    added = host.virt_dup("add-job", vm.name, "--uuid", job, "--schedule", "* * * * *")
+    added = host.virt_dup(
+        "add-job",
+        vm.name,
+        "--uuid",
+        job,
+        "--schedule",
+        "* * * * *",
+        "--backend",
+        "local",
+        "--encryption",
+        "none",
+    )
 
     # At once: no daemon-reload by hand, no waiting.  (add-job's own sync and
     # the one virt-dup-reload.path starts race; either may start the timer.)
@@ -157,8 +171,7 @@ def test_added_job_gets_a_timer_at_once_it_fires_and_runs_the_job(
         assert timedelta(0) < next_run - datetime.now(UTC) <= timedelta(seconds=61)
         assert [unit.active_state for unit in manager.list_units([timer])] == ["active"]
 
-    # It fires at the next minute and the run it starts resolves the job
-    # through libvirt, records that no backup happened and fails (exit 1).
+    # It fires at the next minute and the run it starts backs the domain up.
     service = f"virt-dup@{job}.service"
     user_manager.wait_for(
         f"{service} started by its timer",
@@ -168,19 +181,25 @@ def test_added_job_gets_a_timer_at_once_it_fires_and_runs_the_job(
     user_manager.wait_for(
         f"{service} finished",
         lambda: host.show(service, "ActiveState")["ActiveState"] in ("failed", "inactive"),
-        timeout=30,
+        timeout=120,
     )
     ran = host.show(service, "Result", "ExecMainStatus", "InvocationID")
-    assert ran["Result"] == "exit-code"
-    assert ran["ExecMainStatus"] == "1"
-    record = json.loads((host.state / "last-run" / f"{job}.json").read_text())
-    assert record["job"] == job
-    assert record["domain"] == vm.name
-    assert record["result"] == "not-implemented"
-    assert record["invocation_id"] == ran["InvocationID"]
+    assert ran == {"Result": "success", "ExecMainStatus": "0", "InvocationID": ran["InvocationID"]}
+    status = json.loads((host.state / "status" / f"{job}.json").read_text())
+    assert status["last_success"]["invocation_id"] == ran["InvocationID"]
+    assert status["last_success"]["domain"] == vm.name
+    assert status["last_success"]["full"] is True
+    assert list((host.backend / job).glob("duplicity-full.*.manifest"))
+    assert vm.disk_source("vda") == vm.images["vda"][-1]  # merged back
     assert host.show(timer, "LastTriggerUSecMonotonic")["LastTriggerUSecMonotonic"] != "0"
 
-    # OnFailure= started the alert unit for that failure.
+    # A run that fails (its backend is gone from virt-dup.yml) starts the alert unit.
+    host.config.write_text(
+        host.config.read_text().replace(f"backends:\n  local: file://{host.backend}\n", "")
+    )
+    host.manager.systemctl("start", service, check=False)
+    failed = host.show(service, "Result", "ExecMainStatus")
+    assert failed["Result"] == "exit-code" and failed["ExecMainStatus"] != "0"
     alert = f"virt-dup-alert@{service}.service"
     user_manager.wait_for(
         f"{alert} ran",

@@ -14,15 +14,15 @@ to the package; in an installed wheel ``<prefix>/share/virt-dup/units`` and
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from virt_dup import __version__
@@ -387,6 +387,58 @@ class SyncReport:
         return lines
 
 
+def watched_files_state(config: Config) -> tuple[tuple[str, int, int, int], ...]:
+    """A fingerprint of what virt-dup-reload.path watches: virt-dup.yml and the domain XMLs."""
+    paths = [config.path]
+    with contextlib.suppress(OSError):
+        paths += sorted(config.libvirt_config_dir.glob("*.xml"))
+    state = []
+    for path in paths:
+        try:
+            status = path.stat()
+        except OSError:
+            state.append((str(path), -1, -1, -1))
+            continue
+        state.append((str(path), status.st_mtime_ns, status.st_size, status.st_ino))
+    return tuple(state)
+
+
+def sync_until_settled(
+    manager: ServiceManager,
+    watched: Callable[[], object],
+    rounds: int = 5,
+    settle_seconds: float = 0.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> SyncReport:
+    """:func:`sync_timers` again while the watched files changed during the last one.
+
+    A path unit drops the changes made while its service runs (it neither
+    queues a second start nor looks again when the service ends): without
+    this, a job edited during a sync would keep its old timer until the next
+    change.  ``settle_seconds`` also covers a change made just after the last
+    sync: the files must stay unchanged that long.  Returns the merged report.
+    """
+    merged = SyncReport()
+    before = watched()
+    for _round in range(rounds):
+        report = sync_timers(manager)
+        merged = SyncReport(
+            started=merged.started + report.started,
+            removed=merged.removed + report.removed,
+            not_active=report.not_active,
+            paused=report.paused,
+            unchanged=report.unchanged,
+        )
+        after = watched()
+        if after == before and settle_seconds:
+            sleep(settle_seconds)
+            after = watched()
+        if after == before:
+            break
+        before = after
+    return merged
+
+
 def sync_timers(manager: ServiceManager) -> SyncReport:
     """Make the running timers match the generated ones.
 
@@ -435,53 +487,6 @@ def sync_timers(manager: ServiceManager) -> SyncReport:
         paused=tuple(paused),
         unchanged=len(on_disk) - len(started) - len(paused),
     )
-
-
-# -- the run stub ---------------------------------------------------------------
-#: The result of every run until backups are implemented.
-RESULT_NOT_IMPLEMENTED = "not-implemented"
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """What ``virt-dup run`` did for one job, kept in ``<state dir>/last-run/<job>.json``."""
-
-    job: str
-    domain: str
-    domain_uuid: str
-    backup_type: str  # "full" or "auto" (full or incremental, as the chain decides)
-    started: str  # ISO 8601
-    finished: str
-    result: str  # "not-implemented" until backups exist
-    #: $INVOCATION_ID: which start of the service (``journalctl _SYSTEMD_INVOCATION_ID=``).
-    invocation_id: str | None = None
-
-
-def last_run_path(state_directory: Path, job_uuid: str) -> Path:
-    return state_directory / "last-run" / f"{job_uuid}.json"
-
-
-def write_last_run(state_directory: Path, record: RunRecord) -> Path:
-    """Replace the job's last-run record; returns its path.  Raises VirtDupError."""
-    path = last_run_path(state_directory, record.job)
-    try:
-        write_atomically(path, json.dumps(asdict(record), indent=2) + "\n")
-    except OSError as error:
-        raise VirtDupError(f"cannot record the run in {path}: {error.strerror}") from None
-    return path
-
-
-def read_last_run(state_directory: Path, job_uuid: str) -> RunRecord | None:
-    """The job's last-run record, or None when it never ran (or the record is unreadable)."""
-    try:
-        data = json.loads(last_run_path(state_directory, job_uuid).read_text(encoding="utf-8"))
-        return RunRecord(**data)
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def now_text(now: datetime) -> str:
-    return now.isoformat(timespec="seconds")
 
 
 def check_scope(config: Config, scope: str) -> str | None:
