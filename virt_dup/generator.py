@@ -92,6 +92,9 @@ def render_timer(job: Job, kind: TimerKind, config: Config, source: str) -> str 
         lines.append(f"OnBootSec={schedule.on_boot_sec}")
     if schedule.on_calendar:
         lines.append("Persistent=true")
+        # cron starts a job within its minute; systemd's default accuracy (1 min)
+        # could start it up to a minute late.
+        lines.append("AccuracySec=1s")
     if config.randomized_delay:
         lines.append(f"RandomizedDelaySec={config.randomized_delay}")
     lines.append(f"Unit={kind.prefix}@{job.uuid}.service")
@@ -186,6 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Jobs that carry their own schedule keep their timers.
         warn(f"{error}; using built-in defaults")
         config = Config(path=Path(os.environ.get("VIRT_DUP_CONFIG", "/etc/virt-dup/virt-dup.yml")))
+    # User generators run in every user's manager: only the manager of the
+    # configured scope gets the timers (systemd >= 251 says which one runs us).
+    manager_scope = os.environ.get("SYSTEMD_SCOPE")
+    if manager_scope and manager_scope != config.scope:
+        return 0
     domain_files, read_warnings = read_domain_files(config.libvirt_config_dir)
     generated = render_units(config, domain_files)
     for message in [*read_warnings, *generated.warnings]:

@@ -31,6 +31,7 @@ schedules that can never run (``0 0 30 2 *``).
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -147,6 +148,7 @@ class TimerSchedule:
     on_boot_sec: str | None
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_cron(expression: str) -> CronSchedule:
     """Parse and validate a cron schedule as cronie would read it.
 
@@ -199,6 +201,7 @@ def parse_cron(expression: str) -> CronSchedule:
     return schedule
 
 
+@functools.lru_cache(maxsize=1024)
 def cron_to_timer(expression: str) -> TimerSchedule:
     """Translate a cron schedule into systemd timer settings.
 

@@ -157,3 +157,20 @@ def test_generated_timers_verify(tmp_path: Path) -> None:
     )
     assert finished.returncode == 0, finished.stderr
     assert finished.stderr == "", finished.stderr
+
+
+def test_a_manager_of_the_other_scope_gets_no_timers(tmp_path: Path) -> None:
+    """User generators run in every user's manager; system jobs are not theirs."""
+    config = tmp_path / "virt-dup.yml"
+    config.write_text(f"scope: system\nlibvirt:\n  config_dir: {GOLDEN / 'input'}\n")
+    output = tmp_path / "normal"
+    output.mkdir()
+    finished = subprocess.run(
+        [sys.executable, str(EXECUTABLE), str(output)],
+        env={"PATH": os.environ["PATH"], "VIRT_DUP_CONFIG": str(config), "SYSTEMD_SCOPE": "user"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert finished.returncode == 0
+    assert list(output.iterdir()) == []
