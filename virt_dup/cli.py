@@ -352,6 +352,73 @@ def cmd_recover(context: Context) -> int:
     return EXIT_FAILED if errors else EXIT_OK
 
 
+def _progress_reporter() -> Callable[[str], None]:
+    """Progress lines on a terminal (stderr); debug log lines otherwise."""
+    if sys.stderr.isatty():
+        return lambda line: print(f"{PROGRAM}: {line}", file=sys.stderr, flush=True)
+    return lambda line: log.debug("%s", line)
+
+
+def cmd_backups(context: Context) -> int:
+    from virt_dup.actions.restore import list_jobs_backups, print_backups
+
+    arguments = context.arguments
+    listings = list_jobs_backups(
+        context.config,
+        lambda: context.hypervisor,
+        arguments.domain,
+        arguments.backend,
+        report=_progress_reporter(),
+    )
+    print_backups(listings, arguments.json)
+    return EXIT_OK
+
+
+def cmd_restore(context: Context) -> int:
+    from virt_dup.actions.restore import RestoreRequest, format_notices, restore
+
+    arguments = context.arguments
+    request = RestoreRequest(
+        domain=arguments.domain,
+        backup_id=arguments.backup_id,
+        job=arguments.job,
+        backend=arguments.backend,
+        target_dir=arguments.target_dir,
+        in_place=arguments.in_place,
+        keep_replaced=arguments.keep_replaced,
+        define=arguments.define,
+        name=arguments.name,
+        disks=tuple(arguments.disk or ()),
+        backing_files=tuple(arguments.backing_file or ()),
+    )
+    result = restore(context.config, lambda: context.hypervisor, request, _progress_reporter())
+    for line in format_notices(result):
+        print(f"{PROGRAM}: notice: {line}", file=sys.stderr)
+    print(result.summary())
+    if result.defined:
+        sync_after_job_change(context)
+    return EXIT_OK
+
+
+def cmd_verify(context: Context) -> int:
+    from virt_dup.verify import verify
+
+    arguments = context.arguments
+    result = verify(
+        context.config,
+        lambda: context.hypervisor,
+        arguments.job,
+        arguments.backup_id,
+        backend_url=arguments.backend,
+        scratch=arguments.scratch_dir,
+        report=_progress_reporter(),
+    )
+    for warning in result.warnings:
+        print(f"{PROGRAM}: warning: {warning}", file=sys.stderr)
+    print(result.summary())
+    return EXIT_OK
+
+
 def cmd_help(context: Context) -> int:
     parser = context.arguments.parser
     verb = context.arguments.verb
@@ -535,6 +602,94 @@ def build_parser() -> tuple[ArgumentParser, argparse._SubParsersAction[ArgumentP
         "disk, so each domain runs on its original top image with every write kept.",
     )
     recover.set_defaults(handler=cmd_recover)
+
+    backups = subparsers.add_parser(
+        "backups",
+        help="list the backups of a domain or job, or the jobs on a backend",
+        description="List every restorable point (backup id = its time) of the jobs of "
+        "DOMAIN, or of JOB_UUID: full or incremental, the chain it belongs to, its size on "
+        "the backend and the disks in it. A domain not defined here is looked for on the "
+        "backends of virt-dup.yml. With --backend URL, only that backend is read and neither "
+        "libvirt nor local state is needed (a fresh host).",
+    )
+    backups.add_argument(
+        "domain", metavar="DOMAIN|JOB_UUID", nargs="?", help="default: every job found"
+    ).completer = complete_domains  # type: ignore[attr-defined]
+    backups.add_argument(
+        "--backend", metavar="URL", help="read this backend (its job directories) only"
+    )
+    backups.add_argument("--json", action="store_true", help="machine-readable output")
+    backups.set_defaults(handler=cmd_backups)
+
+    restore = subparsers.add_parser(
+        "restore",
+        help="restore the disks of a domain from a backup",
+        description="Restore the chain files of DOMAIN (or of the job JOB_UUID) from the "
+        "backup BACKUP_ID (default: the latest): each file checked against the checksum "
+        "recorded at backup time, its backing file rewritten to the new location, made "
+        "sparse, and checked with qemu-img check. Without --target-dir or --in-place the "
+        "files go back where they were, which must not exist any more. A restore never "
+        "replaces a file (except --in-place).",
+    )
+    restore.add_argument("domain", metavar="DOMAIN|JOB_UUID").completer = complete_domains  # type: ignore[attr-defined]
+    restore.add_argument("backup_id", metavar="BACKUP_ID", nargs="?", help="default: the latest")
+    where = restore.add_mutually_exclusive_group()
+    where.add_argument(
+        "--target-dir", metavar="DIR", help="restore into DIR/<disk>/<file> (new files only)"
+    )
+    where.add_argument(
+        "--in-place",
+        action="store_true",
+        help="replace the disks of the shut-off domain; its current files are set aside "
+        "until the restore has been checked, then deleted",
+    )
+    restore.add_argument(
+        "--keep-replaced",
+        action="store_true",
+        help="with --in-place: keep the replaced files (FILE.virt-dup-replaced-BACKUP_ID)",
+    )
+    restore.add_argument(
+        "--define",
+        action="store_true",
+        help="define the domain from the saved XML on the restored files (a copy with a "
+        "new name and UUID when the original is still defined)",
+    )
+    restore.add_argument("--name", metavar="NAME", help="with --define: the new domain's name")
+    restore.add_argument(
+        "--disk", action="append", metavar="DEV", help="restore only this disk (repeatable)"
+    )
+    restore.add_argument("--job", metavar="JOB_UUID", help="the job, when the domain has several")
+    restore.add_argument(
+        "--backend",
+        metavar="URL",
+        help="the backend to restore from; the domain is found in the manifests there",
+    )
+    restore.add_argument(
+        "--backing-file",
+        action="append",
+        metavar="[DEV=]FILE",
+        help="the base to put a chain on that was backed up without it (depth < 0); it must "
+        "have the virtual size recorded in the backup (repeatable)",
+    )
+    restore.set_defaults(handler=cmd_restore)
+
+    verify = subparsers.add_parser(
+        "verify",
+        help="check that a backup restores and matches its checksums",
+        description="Restore every file of the backup BACKUP_ID (default: the latest) of the "
+        "job JOB_UUID into a scratch directory, compare the checksums recorded at backup time, "
+        "run qemu-img check, remove the scratch directory. Exits 1 when the backup does not "
+        "verify. virt-dup-verify@JOB_UUID.service does this.",
+    )
+    verify.add_argument("job", metavar="JOB_UUID|DOMAIN").completer = complete_jobs  # type: ignore[attr-defined]
+    verify.add_argument("backup_id", metavar="BACKUP_ID", nargs="?", help="default: the latest")
+    verify.add_argument("--backend", metavar="URL", help="the backend to read (default: the job's)")
+    verify.add_argument(
+        "--scratch-dir",
+        metavar="DIR",
+        help="where the scratch directory goes (default: $TMPDIR or /var/tmp)",
+    )
+    verify.set_defaults(handler=cmd_verify)
 
     helper = subparsers.add_parser("help", help="show help for a command")
     helper.add_argument("verb", metavar="COMMAND", nargs="?")

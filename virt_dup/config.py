@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +76,14 @@ class Config:
 
     @property
     def libvirt_config_dir(self) -> Path:
+        """Where libvirt keeps the persistent XML of the URI's domains (the generator reads it).
+
+        Follows the libvirt URI, not the manager's scope: a user manager may
+        well run the jobs of qemu:///system domains.
+        """
         if self.libvirt.config_dir:
             return self.libvirt.config_dir
-        if self.scope == "user":
+        if urllib.parse.urlsplit(self.libvirt_uri).path.rstrip("/") == "/session":
             config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
             return Path(config_home) / "libvirt" / "qemu"
         return Path("/etc/libvirt/qemu")

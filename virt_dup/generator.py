@@ -42,6 +42,7 @@ class TimerKind:
 TIMER_KINDS = (
     TimerKind("schedule", "virt-dup", "backup"),
     TimerKind("full_schedule", "virt-dup-full", "full backup"),
+    TimerKind("verify_schedule", "virt-dup-verify", "verification"),
 )
 
 

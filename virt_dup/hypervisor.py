@@ -156,6 +156,17 @@ class Hypervisor:
                     ) from None
         raise NotFoundError(f"no domain named {name_or_uuid!r} on {self.uri}")
 
+    def find_domain(self, name_or_uuid: str) -> libvirt.virDomain | None:
+        """A domain by name or UUID, or None when there is none."""
+        try:
+            return self.domain(name_or_uuid)
+        except NotFoundError:
+            return None
+
+    def define(self, xml: str, what: str) -> libvirt.virDomain:
+        """Define (or redefine) a persistent domain from ``xml``; ``what`` names it in errors."""
+        return self.call(f"cannot define {what}", self.connection.defineXML, xml)
+
     def domains(self) -> list[libvirt.virDomain]:
         """Every domain (running or not), sorted by name."""
         found = self.call("cannot list domains", self.connection.listAllDomains, 0)

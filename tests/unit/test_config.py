@@ -174,3 +174,13 @@ def test_unknown_backend_name_is_config_error() -> None:
     config = parse_config("backends:\n  local: file:///srv\n", PATH)
     with pytest.raises(ConfigError, match="no backend named 'remote'"):
         config.backend_url("remote")
+
+
+def test_libvirt_config_dir_follows_the_uri_not_the_scope(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", "/home/u/.config")
+    assert parse_config("scope: user\n", PATH).libvirt_config_dir == Path(
+        "/home/u/.config/libvirt/qemu"
+    )
+    user_with_system_vms = parse_config("scope: user\nlibvirt:\n  uri: qemu:///system\n", PATH)
+    assert user_with_system_vms.libvirt_config_dir == Path("/etc/libvirt/qemu")
+    assert parse_config("", PATH).libvirt_config_dir == Path("/etc/libvirt/qemu")

@@ -100,6 +100,9 @@ def test_man_page_documents_every_command() -> None:
         "jobs",
         "check-config",
         "schedule explain",
+        "backups",
+        "restore",
+        "verify",
         "help",
     ):
         assert verb in text, verb

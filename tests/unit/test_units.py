@@ -32,7 +32,8 @@ SAMPLE_DOMAIN = f"""<domain type='kvm'>
   <uuid>{DOMAIN_UUID}</uuid>
   <metadata>
     <virt-dup:instance xmlns:virt-dup="https://www.github.com/spencerharmon/virt-dup">
-      <virt-dup:job uuid="{JOB}" schedule="0 2 * * 1-5" full_schedule="0 3 * * 0"/>
+      <virt-dup:job uuid="{JOB}" schedule="0 2 * * 1-5" full_schedule="0 3 * * 0"
+                    verify_schedule="0 5 1 * *"/>
     </virt-dup:instance>
   </metadata>
   <memory unit='KiB'>65536</memory>
@@ -125,6 +126,21 @@ def test_both_run_services_share_one_drop_in(tmp_path: Path) -> None:
     assert "ProtectKernelModules=yes" in settings_lines(system_only)
 
 
+def test_the_verify_service_verifies_and_shares_the_run_drop_ins(tmp_path: Path) -> None:
+    installation = render(settings(tmp_path, scope="system"))
+    unit_dir = tmp_path / "units"
+
+    verify = settings_lines(text_of(installation, unit_dir / "virt-dup-verify@.service"))
+
+    assert "ExecStart=/usr/bin/virt-dup verify %i" in verify
+    assert "OnFailure=virt-dup-alert@%n.service" in verify
+    for drop_in in ("50-virt-dup-run.conf", SYSTEM_DROP_IN):
+        assert text_of(installation, unit_dir / "virt-dup-verify@.service.d" / drop_in) == (
+            text_of(installation, unit_dir / "virt-dup@.service.d" / drop_in)
+        )
+    assert units.is_job_timer(f"virt-dup-verify@{JOB}.timer")
+
+
 def test_a_user_manager_gets_no_system_only_hardening(tmp_path: Path) -> None:
     installation = render(settings(tmp_path, scope="user"))
 
@@ -192,13 +208,33 @@ def test_an_unknown_placeholder_is_an_error() -> None:
         units.fill_placeholders("[Service]\nExecStart=@NOPE@\n", {}, "x.service")
 
 
-def test_the_target_is_enabled_into_timers_target(tmp_path: Path) -> None:
+def test_the_target_and_boot_recovery_are_enabled(tmp_path: Path) -> None:
     installation = render(settings(tmp_path))
     unit_dir = tmp_path / "units"
 
     assert installation.symlinks == {
-        unit_dir / "timers.target.wants" / "virt-dup.target": unit_dir / "virt-dup.target"
+        unit_dir / "timers.target.wants" / "virt-dup.target": unit_dir / "virt-dup.target",
+        unit_dir / "multi-user.target.wants" / "virt-dup-recover.service": unit_dir
+        / "virt-dup-recover.service",
     }
+
+
+def test_boot_recovery_runs_after_libvirt_without_pulling_it_in(tmp_path: Path) -> None:
+    config = Path("/srv/virt-dup/conf.yml")
+    installation = render(settings(tmp_path, config_path=config))
+
+    lines = settings_lines(text_of(installation, tmp_path / "units" / "virt-dup-recover.service"))
+
+    assert "ExecStart=/usr/bin/virt-dup recover" in lines
+    assert 'Environment="VIRT_DUP_CONFIG=/srv/virt-dup/conf.yml"' in lines
+    assert "Type=oneshot" in lines
+    assert "RemainAfterExit=no" in lines
+    (after,) = (line for line in lines if line.startswith("After="))
+    assert {"libvirtd.service", "virtqemud.service"} <= set(after.removeprefix("After=").split())
+    assert not any(line.startswith(("Wants=", "Requires=", "BindsTo=")) for line in lines)
+    assert "WantedBy=multi-user.target" in lines
+    # Images may live in /home or on block devices: the merge writes them.
+    assert not any(line.startswith(("ProtectHome=", "PrivateDevices=")) for line in lines)
 
 
 def test_install_writes_files_modes_and_links_and_can_run_twice(tmp_path: Path) -> None:
@@ -279,19 +315,24 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path, scope: str) -> None:
     timers = generated_timers(tmp_path, config)
     assert sorted(path.name for path in timers.glob("*.timer")) == [
         f"virt-dup-full@{JOB}.timer",
+        f"virt-dup-verify@{JOB}.timer",
         f"virt-dup@{JOB}.timer",
     ]
     unit_dir = tmp_path / "units"
     # The generated timers, the instances they start (with both drop-ins),
-    # the alert the services start on failure, and the static units.
+    # the alert the services start on failure, and the static units (boot
+    # recovery included).
     to_verify = [
         str(timers / f"virt-dup@{JOB}.timer"),
         str(timers / f"virt-dup-full@{JOB}.timer"),
+        str(timers / f"virt-dup-verify@{JOB}.timer"),
         f"virt-dup@{JOB}.service",
         f"virt-dup-full@{JOB}.service",
+        f"virt-dup-verify@{JOB}.service",
         f"virt-dup-alert@virt-dup@{JOB}.service.service",
         *(str(unit_dir / name) for name in ("virt-dup.target", "virt-dup-reload.path")),
         str(unit_dir / "virt-dup-reload.service"),
+        str(unit_dir / "virt-dup-recover.service"),
     ]
     environment = {
         **os.environ,

@@ -41,10 +41,12 @@ SHARE_NAME = "virt-dup"
 UNIT_FILES = (
     "virt-dup@.service",
     "virt-dup-full@.service",
+    "virt-dup-verify@.service",
     "virt-dup-alert@.service",
     "virt-dup.target",
     "virt-dup-reload.path",
     "virt-dup-reload.service",
+    "virt-dup-recover.service",
 )
 #: The services a timer starts; they get the drop-ins below.
 RUN_SERVICES = tuple(f"{kind.prefix}@.service" for kind in TIMER_KINDS)

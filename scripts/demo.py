@@ -1,0 +1,230 @@
+"""virt-dup end to end on a throw-away domain (run by scripts/demo, as root).
+
+1. a domain with the chain base.qcow2 <- demo.qcow2 (data in both), running;
+2. a virt-dup.yml with a file:// backend, a throw-away GPG key;
+3. a real systemd manager (a user manager in a private mount namespace, the
+   same recipe the tests use: this machine does not boot with systemd),
+   virt-dup's units and generator installed into it with install-units;
+4. `virt-dup add-job` with a schedule of every minute: the timer appears at
+   once, fires, and its service backs the domain up (encrypted, full);
+5. `virt-dup backups` lists the backup; `virt-dup restore --target-dir`
+   rebuilds the chain, which must equal the domain's disk in guest view
+   (`qemu-img compare`) — the demo fails loudly otherwise;
+6. everything made is removed, also when a step fails.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY / "tests" / "integration"))
+
+from systemd_harness import UserManager, start_user_manager  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+VIRT_DUP = VENV_BIN / "virt-dup"
+NAMESPACE = "https://www.github.com/spencerharmon/virt-dup"
+
+
+def step(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def show(argv: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
+    print("$ " + " ".join(str(a) for a in argv), flush=True)
+    result = subprocess.run(argv, text=True, capture_output=True, **kwargs)
+    print(result.stdout + result.stderr, end="", flush=True)
+    if result.returncode != 0:
+        raise SystemExit(f"demo: {argv[0]} failed with exit code {result.returncode}")
+    return result
+
+
+def virsh(*args: str) -> str:
+    return subprocess.run(
+        ["virsh", "-q", "-c", "qemu:///system", *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def make_domain(name: str, images: Path) -> Path:
+    images.mkdir(mode=0o755)
+    base, top = images / "base.qcow2", images / f"{name}.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "128M"], check=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x2a 0 16M", base],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top], check=True
+    )
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5c 8M 16M", top],
+        check=True,
+        capture_output=True,
+    )
+    domain_type = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
+    xml = images / "domain.xml"
+    xml.write_text(
+        f"""<domain type='{domain_type}'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{top}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>
+"""
+    )
+    virsh("define", str(xml))
+    virsh("start", name)
+    return top
+
+
+def make_gpg_key(home: Path) -> str:
+    gpg = ["gpg", "--homedir", str(home), "--batch"]
+    subprocess.run(
+        [
+            *gpg,
+            "--passphrase",
+            "",
+            "--quick-gen-key",
+            "demo <demo@example.invalid>",
+            "default",
+            "default",
+            "never",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    listing = subprocess.run(
+        [*gpg, "--with-colons", "--list-secret-keys"], check=True, capture_output=True, text=True
+    ).stdout
+    return next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
+
+
+def main() -> int:
+    name = f"virt-dup-demo-{secrets.token_hex(4)}"
+    images = Path("/var/lib/libvirt/images") / name
+    with ExitStack() as cleanup:
+        # Not under /tmp or /var/tmp: virt-dup's services run with PrivateTmp=yes.
+        work = Path(tempfile.mkdtemp(prefix="virt-dup-demo-", dir="/var/lib"))
+        cleanup.callback(shutil.rmtree, work, True)
+        # short path (gpg-agent's socket), outside /tmp (PrivateTmp=yes)
+        gnupg = Path(tempfile.mkdtemp(prefix="vd-demo-gpg-", dir="/run"))
+        cleanup.callback(shutil.rmtree, gnupg, True)
+        cleanup.callback(
+            subprocess.run, ["gpgconf", "--homedir", str(gnupg), "--kill", "all"], check=False
+        )
+
+        step(f"A throw-away domain {name}: base.qcow2 <- {name}.qcow2, running")
+        cleanup.callback(shutil.rmtree, images, True)
+        cleanup.callback(subprocess.run, ["virsh", "-q", "undefine", name], capture_output=True)
+        cleanup.callback(subprocess.run, ["virsh", "-q", "destroy", name], capture_output=True)
+        top = make_domain(name, images)
+        print(virsh("domblklist", name), end="")
+
+        step("virt-dup.yml: a file:// backend, a GPG key (throw-away), state and cache")
+        fingerprint = make_gpg_key(gnupg)
+        config = work / "virt-dup.yml"
+        config.write_text(
+            "scope: user  # this demo's systemd is a user manager; libvirt is the system's\n"
+            "libvirt:\n  uri: qemu:///system\n"
+            f"backends:\n  local: file://{work}/backend\n"
+            f"encryption:\n  keys: [{fingerprint}]\n  gnupg_home: {gnupg}\n"
+            f"state_dir: {work}/state\ncache_dir: {work}/cache\n"
+            "defaults:\n  backends: [local]\n"
+        )
+        print(config.read_text(), end="")
+
+        step("A systemd manager (user manager, private mount namespace) with virt-dup installed")
+        manager: UserManager = start_user_manager(Path("/run"))
+        cleanup.callback(manager.stop)
+        environment = {"VIRT_DUP_CONFIG": str(config)}
+
+        def on_host(
+            *argv: str, ok_codes: tuple[int, ...] = (0,)
+        ) -> subprocess.CompletedProcess[str]:
+            print("$ " + " ".join(argv), flush=True)
+            result = manager.run(list(argv), env=environment, check=False)
+            print(result.stdout + result.stderr, end="", flush=True)
+            if result.returncode not in ok_codes:
+                raise SystemExit(f"demo: {argv[0]} failed with exit code {result.returncode}")
+            return result
+
+        unit_dir = manager.config_home / "systemd" / "user"
+        on_host(
+            str(VIRT_DUP),
+            "install-units",
+            "--scope",
+            "user",
+            "--unit-dir",
+            str(unit_dir),
+            "--generator-dir",
+            "/run/systemd/user-generators",
+        )
+
+        step("Add a job that runs every minute; its timer exists at once")
+        job = on_host(str(VIRT_DUP), "add-job", name, "--schedule", "* * * * *").stdout.strip()
+        on_host("systemctl", "--user", "list-timers", f"virt-dup@{job}.timer")
+
+        step("Wait for the timer to fire and the backup service to finish")
+        service = f"virt-dup@{job}.service"
+
+        def service_state() -> dict[str, str]:
+            output = manager.systemctl(
+                "show",
+                service,
+                "-p",
+                "ActiveState",
+                "-p",
+                "Result",
+                "-p",
+                "ExecMainStartTimestampMonotonic",
+            ).stdout
+            return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+
+        deadline = time.monotonic() + 200
+        while True:
+            state = service_state()
+            started = state.get("ExecMainStartTimestampMonotonic", "0") not in ("", "0")
+            if started and state.get("ActiveState") in ("inactive", "failed"):
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"demo: {service} did not run within 200 s: {state}")
+            time.sleep(1)
+        # status exits 3 for a unit that is not running: a finished oneshot
+        on_host("systemctl", "--user", "status", "--no-pager", "-n", "0", service, ok_codes=(0, 3))
+        if state.get("Result") != "success":
+            print(manager.log(40))
+            raise SystemExit(f"demo: {service} failed: {state}")
+        show([str(VIRT_DUP), "--config", str(config), "list-jobs", name])
+
+        step("What exists on the backend")
+        show([str(VIRT_DUP), "--config", str(config), "backups", name])
+
+        step("Restore the chain into a new directory and compare it with the live disk")
+        target = work / "restored"
+        show([str(VIRT_DUP), "--config", str(config), "restore", name, "--target-dir", str(target)])
+        restored_top = target / "vda" / top.name
+        show(["qemu-img", "info", "--backing-chain", str(restored_top)])
+        show(["qemu-img", "compare", "-U", str(top), str(restored_top)])
+        print("\ndemo: the restored chain equals the domain's disk; cleaning up", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

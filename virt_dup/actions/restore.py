@@ -1,0 +1,463 @@
+"""The ``backups``, ``restore`` and ``verify`` verbs: which job, which backup, where to.
+
+The mechanics are elsewhere: :mod:`virt_dup.backups` (what exists on a
+backend), :mod:`virt_dup.restore` (files back, checked),
+:mod:`virt_dup.definition` (the restored domain's XML), :mod:`virt_dup.verify`.
+This module decides, from the command line, what they are applied to, and
+refuses before anything is touched when the request cannot be carried out.
+
+Where the files go:
+
+* ``--target-dir DIR``: ``DIR/<target dev>/<file name>``, a new place;
+* ``--in-place``: where they were, replacing the current files of a shut-off
+  domain defined here (set aside until the restore has been checked, then
+  deleted; ``--keep-replaced`` keeps them);
+* neither: where they were, when none of those files exists any more (the
+  images were lost, or this is a fresh host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import libvirt
+
+from virt_dup.backups import (
+    BackupEntry,
+    BackupMetadata,
+    BackupSource,
+    choose_backup,
+    collection,
+    fetch_metadata,
+    find_sources,
+    format_size,
+    list_backups,
+    one_source,
+)
+from virt_dup.config import Config
+from virt_dup.definition import (
+    DefinitionChanges,
+    RestoredDisk,
+    disk_sources,
+    point_disks_at,
+    rewrite_definition,
+)
+from virt_dup.errors import UsageError, VirtDupError
+from virt_dup.hypervisor import Hypervisor
+from virt_dup.jobs import parse_xml
+from virt_dup.manifest import ManifestDisk
+from virt_dup.restore import (
+    RestoreError,
+    RestorePlan,
+    RestoreResult,
+    Workspace,
+    allocated_bytes,
+    bases_needed,
+    check_bases,
+    destinations_free,
+    fetch_and_check,
+    install_files,
+    original_destinations,
+    parse_backing_options,
+    plan_restore,
+    remove_set_aside,
+    rolled_back_on_failure,
+    select_disks,
+    target_dir_destinations,
+    timed,
+)
+from virt_dup.state import StateStore
+
+#: How long an in-place restore waits for a backup of the domain to finish.
+LOCK_WAIT_SECONDS = 30.0
+
+
+# -- backups ----------------------------------------------------------------------------
+@dataclass
+class JobListing:
+    source: BackupSource
+    metadata: BackupMetadata | None
+    backups: list[BackupEntry] | None  # None: only a summary was asked for
+
+    def as_json(self) -> dict[str, Any]:
+        manifest = self.metadata.manifest if self.metadata else None
+        record: dict[str, Any] = {
+            "job": self.source.job_uuid,
+            "domain": None
+            if manifest is None
+            else {"name": manifest.domain_name, "uuid": manifest.domain_uuid},
+            "backend": self.source.backend_url,
+            "url": self.source.display_url,
+        }
+        if self.backups is not None:
+            record["backups"] = [entry.as_json() for entry in self.backups]
+        return record
+
+
+def list_jobs_backups(
+    config: Config,
+    hypervisor: Callable[[], Hypervisor],
+    domain_or_job: str | None,
+    backend_url: str | None,
+    report: Callable[[str], None] | None = None,
+) -> list[JobListing]:
+    """The backups of the jobs meant (see :func:`virt_dup.backups.find_sources`)."""
+    found = find_sources(config, hypervisor, domain_or_job, backend_url=backend_url, report=report)
+    listings = []
+    for source, metadata in found:
+        backups = list_backups(config, source, report)
+        if metadata is None and backups and backups[-1].disks is not None:
+            metadata = fetch_metadata(config, source, backups[-1].id, report=report)
+        listings.append(JobListing(source, metadata, backups))
+    return listings
+
+
+def _disk_summary(disk: ManifestDisk) -> str:
+    count = len(disk.selected)
+    return f"{disk.target} ({count} file{'' if count == 1 else 's'})"
+
+
+def print_backups(listings: Sequence[JobListing], as_json: bool, out: TextIO = sys.stdout) -> None:
+    if as_json:
+        json.dump([listing.as_json() for listing in listings], out, indent=2)
+        out.write("\n")
+        return
+    for number, listing in enumerate(listings):
+        if number:
+            out.write("\n")
+        manifest = listing.metadata.manifest if listing.metadata else None
+        domain = f"domain {manifest.domain_name}" if manifest else "domain unknown"
+        out.write(f"job {listing.source.job_uuid} of {domain} on {listing.source.display_url}\n")
+        backups = listing.backups or []
+        if not backups:
+            out.write("  no backups\n")
+            continue
+        rows = [("BACKUP ID", "TYPE", "CHAIN", "VOLUMES", "SIZE", "DISKS")]
+        for entry in backups:
+            disks = (
+                "?"
+                if entry.disks is None
+                else ", ".join(_disk_summary(disk) for disk in entry.disks)
+            )
+            rows.append(
+                (
+                    entry.id,
+                    entry.kind,
+                    entry.chain,
+                    str(entry.volumes),
+                    format_size(entry.size),
+                    disks,
+                )
+            )
+        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+        for row in rows:
+            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+            out.write("  " + "  ".join([*cells, row[-1]]).rstrip() + "\n")
+
+
+# -- restore ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RestoreRequest:
+    """What ``virt-dup restore`` was asked to do."""
+
+    domain: str
+    backup_id: str | None = None
+    job: str | None = None
+    backend: str | None = None
+    target_dir: str | None = None
+    in_place: bool = False
+    keep_replaced: bool = False
+    define: bool = False
+    name: str | None = None
+    disks: tuple[str, ...] = ()
+    backing_files: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        """Raises :class:`UsageError` for options that do not go together."""
+        if self.in_place and self.target_dir:
+            raise UsageError("--in-place and --target-dir exclude each other")
+        if self.in_place and self.define:
+            raise UsageError("--in-place restores a domain defined here: --define is not needed")
+        if self.keep_replaced and not self.in_place:
+            raise UsageError("--keep-replaced goes with --in-place")
+        if self.name and not self.define:
+            raise UsageError("--name goes with --define")
+
+
+@dataclass(frozen=True)
+class Definition:
+    """How ``--define`` will define the domain (decided before anything is restored)."""
+
+    name: str
+    copy: bool
+    #: The domain is still defined here and already uses the restored files.
+    already_defined: bool = False
+
+
+def decide_definition(
+    request: RestoreRequest,
+    saved_name: str,
+    uuid_taken: bool,
+    name_taken: Callable[[str], bool],
+    files_back_in_place: bool,
+) -> Definition:
+    """Name and kind of the domain ``--define`` makes.  Pure.
+
+    The same domain (name, UUID) when its UUID is free here; a copy
+    (``--name`` or ``NAME-restored``, a new UUID) when the original is still
+    defined.  Files put back where they were with the original still defined
+    are its own disks again: nothing to define, and a copy on them is refused.
+    """
+    copy = uuid_taken or name_taken(saved_name)
+    if files_back_in_place and copy:
+        if request.name:
+            raise RestoreError(
+                f"domain {saved_name} is defined here and its disks are where the restore puts "
+                f"them: a copy named {request.name} would share them; use --target-dir"
+            )
+        return Definition(saved_name, copy=False, already_defined=True)
+    name = request.name or (f"{saved_name}-restored" if copy else saved_name)
+    if name_taken(name):
+        raise RestoreError(f"a domain named {name} exists: choose another with --name")
+    return Definition(name, copy)
+
+
+def _saved_name(metadata: BackupMetadata) -> str:
+    root = parse_xml(metadata.domain_xml, "the saved domain XML")
+    return root.findtext("name") or metadata.manifest.domain_name
+
+
+def _restored_disks(plan: RestorePlan) -> dict[str, RestoredDisk]:
+    return {disk.target: RestoredDisk(disk.top.destination, disk.top.format) for disk in plan.disks}
+
+
+def restore(
+    config: Config,
+    hypervisor: Callable[[], Hypervisor],
+    request: RestoreRequest,
+    report: Callable[[str], None] = lambda _line: None,
+) -> RestoreResult:
+    """Carry out ``request``; returns the result (recorded in the journal too).
+
+    Raises :class:`VirtDupError` subclasses; on failure the host is left as
+    it was (the failure is recorded in the journal as well).
+    """
+    request.check()
+    elapsed = timed()
+    found = find_sources(
+        config,
+        hypervisor,
+        request.domain,
+        backend_url=request.backend,
+        job_uuid=request.job,
+        report=report,
+    )
+    source, found_metadata = one_source(found, f"domain {request.domain}")
+    backup = choose_backup(collection(source), request.backup_id)
+    hint = found_metadata.folder if found_metadata else None
+    metadata = fetch_metadata(config, source, backup.id, hint, report=report)
+    manifest = metadata.manifest
+    result = RestoreResult(manifest.domain_name, source.job_uuid, backup.id)
+    try:
+        _restore(config, hypervisor, request, source, backup.id, metadata, result, report)
+    except VirtDupError as error:
+        result.result = "failed"
+        result.message = str(error)
+        result.duration_seconds = elapsed()
+        result.record()
+        raise
+    result.result = "success"
+    result.duration_seconds = elapsed()
+    result.record()
+    return result
+
+
+def _restore(
+    config: Config,
+    hypervisor: Callable[[], Hypervisor],
+    request: RestoreRequest,
+    source: BackupSource,
+    backup_id: str,
+    metadata: BackupMetadata,
+    result: RestoreResult,
+    report: Callable[[str], None],
+) -> None:
+    manifest = metadata.manifest
+    disks = select_disks(manifest.disks, request.disks)
+    targets = [disk.target for disk in disks]
+    domain: libvirt.virDomain | None = None
+    if request.in_place:
+        domain = hypervisor().find_domain(manifest.domain_uuid)
+        if domain is None:
+            raise RestoreError(
+                f"domain {manifest.domain_name} ({manifest.domain_uuid}) is not defined here: "
+                "without --in-place the files go back where they were (when they are gone), "
+                "or into --target-dir"
+            )
+        destinations = original_destinations(disks)
+    elif request.target_dir:
+        destinations = target_dir_destinations(disks, request.target_dir)
+    else:
+        destinations = original_destinations(disks)
+    bases = check_bases(bases_needed(disks), parse_backing_options(request.backing_files, targets))
+    plan = plan_restore(disks, destinations, bases)
+    if not request.in_place:
+        destinations_free(plan)
+    definition = None
+    if request.define:
+        connection = hypervisor()
+        definition = decide_definition(
+            request,
+            _saved_name(metadata),
+            connection.find_domain(manifest.domain_uuid) is not None,
+            lambda name: connection.find_domain(name) is not None,
+            files_back_in_place=not request.target_dir,
+        )
+    result.disks = targets
+    result.files = [entry.destination for entry in plan.files]
+    if domain is not None:
+        store = StateStore(config.state_directory)
+        in_place_domain = domain
+        with store.domain_lock(domain.UUIDString(), domain.name(), LOCK_WAIT_SECONDS):
+            _check_shut_off(hypervisor(), domain, store)
+            _carry_out(
+                request,
+                source,
+                backup_id,
+                plan,
+                result,
+                report,
+                lambda: _point_definition(hypervisor(), in_place_domain, plan, result),
+            )
+    else:
+
+        def finish() -> None:
+            if definition is not None:
+                _define(hypervisor(), metadata, plan, definition, result, report)
+
+        _carry_out(request, source, backup_id, plan, result, report, finish)
+
+
+def _check_shut_off(hypervisor: Hypervisor, domain: libvirt.virDomain, store: StateStore) -> None:
+    name = domain.name()
+    if hypervisor.call(f"cannot read the state of domain {name}", domain.isActive):
+        raise RestoreError(
+            f"domain {name} is running: --in-place needs it shut off (virsh shutdown {name}); "
+            "nothing was changed"
+        )
+    if store.load_run(domain.UUIDString()) is not None:
+        raise RestoreError(
+            f"domain {name} has an unfinished backup run: run 'virt-dup recover' first; "
+            "nothing was changed"
+        )
+
+
+def _carry_out(
+    request: RestoreRequest,
+    source: BackupSource,
+    backup_id: str,
+    plan: RestorePlan,
+    result: RestoreResult,
+    report: Callable[[str], None],
+    finish: Callable[[], None],
+) -> None:
+    """Restore, check and install the files, then ``finish`` (define...); all or nothing."""
+    workspace = Workspace()
+    with rolled_back_on_failure(workspace):
+        restored = fetch_and_check(source, backup_id, plan, workspace, report=report)
+        result.notices.extend(restored.warnings)
+        report("checksums and qemu-img check: ok; moving the files into place")
+        install_files(plan, restored, workspace, backup_id, replace=request.in_place)
+        finish()
+    result.bytes = restored.bytes
+    result.allocated = sum(allocated_bytes(entry.destination) for entry in plan.files)
+    if request.in_place:
+        if request.keep_replaced:
+            result.kept = list(workspace.set_aside.values())
+        else:
+            result.notices.extend(remove_set_aside(workspace))
+
+
+def _define(
+    hypervisor: Hypervisor,
+    metadata: BackupMetadata,
+    plan: RestorePlan,
+    definition: Definition,
+    result: RestoreResult,
+    report: Callable[[str], None],
+) -> None:
+    if definition.already_defined:
+        result.notices.append(
+            f"domain {definition.name} is defined here and uses the restored files: not "
+            "defined again"
+        )
+        return
+    xml, notices = rewrite_definition(
+        metadata.domain_xml,
+        DefinitionChanges(disks=_restored_disks(plan), name=definition.name, copy=definition.copy),
+        os.path.exists,
+    )
+    result.notices.extend(notices)
+    result.notices.extend(unreachable_directories(entry.destination for entry in plan.files))
+    report(f"defining domain {definition.name}")
+    hypervisor.define(xml, f"the restored domain {definition.name}")
+    result.defined = definition.name
+
+
+def unreachable_directories(paths: Iterable[str]) -> list[str]:
+    """Notices for directories above ``paths`` that only their owner may enter.
+
+    QEMU started by the system libvirtd runs as its own user (libvirt-qemu,
+    qemu): it cannot open an image below a directory such as a 0700 home.
+    """
+    notices = []
+    seen: set[str] = set()
+    for path in paths:
+        directory = os.path.dirname(os.path.abspath(path))
+        while directory not in seen and directory != "/":
+            seen.add(directory)
+            try:
+                mode = os.stat(directory).st_mode
+            except OSError:
+                break
+            if not mode & 0o001:
+                notices.append(
+                    f"{directory} is not searchable by others (mode {mode & 0o777:o}): "
+                    "libvirt's QEMU user may not reach the restored files"
+                )
+            directory = os.path.dirname(directory)
+    return notices
+
+
+def _point_definition(
+    hypervisor: Hypervisor, domain: libvirt.virDomain, plan: RestorePlan, result: RestoreResult
+) -> None:
+    """In place: a disk now defined on another file (a later snapshot) goes back to the
+    restored top."""
+    current = disk_sources(hypervisor.domain_xml(domain, inactive=True))
+    changed = {
+        target: disk
+        for target, disk in _restored_disks(plan).items()
+        if current.get(target) and os.path.normpath(current[target] or "") != disk.top
+    }
+    if not changed:
+        return
+    xml = point_disks_at(hypervisor.domain_xml(domain, inactive=True), changed)
+    hypervisor.define(xml, f"domain {domain.name()} on its restored disks")
+    for target, disk in changed.items():
+        result.notices.append(
+            f"disk {target} was defined on {current[target]}; it is on {disk.top} again "
+            f"({current[target]} is left as it was)"
+        )
+
+
+def format_notices(result: RestoreResult) -> list[str]:
+    lines = list(result.notices)
+    if result.kept:
+        lines.append("the replaced files are kept: " + ", ".join(result.kept))
+    return lines
