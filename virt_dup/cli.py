@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """The ``virt-dup`` command: argparse + argcomplete, verbs dispatched through a dict.
 
 Expected failures (:class:`~virt_dup.errors.VirtDupError`) become one line on

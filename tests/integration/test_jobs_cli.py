@@ -327,3 +327,33 @@ def test_metadata_survives_a_libvirtd_restart(make_domain, config: Path, require
     for name, job_uuid in jobs.items():
         assert [job["job"] for job in jobs_json(config, name)] == [job_uuid]
     assert make_domain.conn.lookupByName(running.name).isActive()
+
+
+def complete(config: Path, line: str, tmp_path: Path) -> list[str]:
+    """What the shell completion (argcomplete's protocol) offers for ``line``."""
+    output = tmp_path / "completions"
+    subprocess.run(
+        [sys.executable, "-m", "virt_dup"],
+        env={
+            **os.environ,
+            "_ARGCOMPLETE": "1",
+            "_ARGCOMPLETE_IFS": "\n",
+            "COMP_LINE": line,
+            "COMP_POINT": str(len(line)),
+            "_ARGCOMPLETE_STDOUT_FILENAME": str(output),
+            "VIRT_DUP_CONFIG": str(config),
+        },
+        capture_output=True,
+        check=False,
+    )
+    return sorted(item.strip() for item in output.read_text().split("\n") if item.strip())
+
+
+def test_completion_of_domain_names_and_job_uuids(
+    make_domain, config: Path, tmp_path: Path
+) -> None:
+    vm = make_domain(chain=["vm"], running=False)
+    job_uuid = virt_dup(config, "add-job", vm.name).stdout.strip()
+    assert complete(config, f"virt-dup add-job {vm.name[:-2]}", tmp_path) == [vm.name]
+    assert job_uuid in complete(config, f"virt-dup remove-job {job_uuid[:8]}", tmp_path)
+    assert "add-job" in complete(config, "virt-dup ad", tmp_path)
