@@ -50,6 +50,7 @@ and are masked in every log line and error.
 from __future__ import annotations
 
 import codecs
+import fcntl
 import logging
 import os
 import re
@@ -711,6 +712,16 @@ class Collection:
     def last_backup_time(self) -> datetime | None:
         return self.chains[-1].end_time if self.chains else None
 
+    def with_backup(self, kind: str, time: datetime) -> Collection:
+        """This collection after a new ``full`` or ``incremental`` set made at ``time``."""
+        new_set = BackupSet(kind=kind, time=time, volumes=0, encrypted=False)
+        if kind == "full" or not self.chains:
+            chains = (*self.chains, Chain((new_set,), complete=True))
+        else:
+            last = self.chains[-1]
+            chains = (*self.chains[:-1], Chain((*last.sets, new_set), last.complete))
+        return Collection(chains, self.orphaned_sets, self.incomplete_sets)
+
 
 def parse_collection_status(control: Sequence[str]) -> Collection:
     """A :class:`Collection` from the control lines of the ``INFO 3`` record.
@@ -1017,39 +1028,83 @@ def full_is_due(
     Asks the backend (``collection-status``).  :func:`backup` with
     ``full_if_older_than`` decides the same way inside duplicity.
     """
-    last_full = last_full_time(target, executable=executable, timeout=timeout)
-    if last_full is None:
-        return True
-    if full_every is None:
-        return False
-    return (now or datetime.now(UTC)) - last_full >= parse_interval(full_every)
+    collection = collection_status(target, executable=executable, timeout=timeout)
+    return full_is_due_in(collection, full_every, now=now)
+
+
+def retention_due(collection: Collection, options: JobOptions, now: datetime) -> tuple[str, ...]:
+    """The retention options that would delete something from ``collection``
+    (``max_age``, ``full_retention``, ``incremental_retention``, in that order).
+
+    Pure; it mirrors duplicity's own rules, which never delete the newest
+    chain: ``remove-older-than`` deletes the other chains whose newest set
+    is older than the age, ``remove-all-but-n-full N`` every chain but the N
+    newest, ``remove-all-inc-of-but-n-full N`` the incrementals of every
+    chain but the N newest.  Each verdict is taken before any deletion,
+    which can only make a later rule have less to do, never more.
+    """
+    due: list[str] = []
+    older = collection.chains[:-1]
+    if options.max_age and any(
+        chain.end_time < now - parse_interval(options.max_age) for chain in older
+    ):
+        due.append("max_age")
+    if options.full_retention and len(collection.chains) > options.full_retention:
+        due.append("full_retention")
+    keep_incrementals = options.incremental_retention
+    if (
+        keep_incrementals
+        and (options.full_retention is None or keep_incrementals < options.full_retention)
+        and any(chain.incrementals for chain in collection.chains[:-keep_incrementals])
+    ):
+        due.append("incremental_retention")
+    return tuple(due)
 
 
 def apply_retention(
     target: Target,
     options: JobOptions,
     *,
+    collection: Collection | None = None,
+    now: datetime | None = None,
     executable: str | None = None,
     timeout: float | None = None,
-) -> None:
-    """Delete what the job's retention options say is no longer kept.
+) -> tuple[str, ...]:
+    """Delete what the job's retention options say is no longer kept; return
+    the options that were applied.
 
     ``max_age`` (``remove-older-than``), then ``full_retention`` chains
     (``remove-all-but-n-full``), then the incrementals of all but the
     ``incremental_retention`` newest chains.  Unset options delete nothing.
+    With ``collection`` (the collection as it is now), only the options that
+    would delete something run (:func:`retention_due`): each is a duplicity
+    run that lists the whole backend.
     """
-    if options.max_age:
+    if collection is None:
+        due: Sequence[str] = ("max_age", "full_retention", "incremental_retention")
+    else:
+        due = retention_due(collection, options, now or datetime.now(UTC))
+    applied = []
+    if options.max_age and "max_age" in due:
         remove_older_than(target, options.max_age, executable=executable, timeout=timeout)
-    if options.full_retention:
+        applied.append("max_age")
+    if options.full_retention and "full_retention" in due:
         remove_all_but_n_full(
             target, options.full_retention, executable=executable, timeout=timeout
         )
-    if options.incremental_retention and (
-        options.full_retention is None or options.incremental_retention < options.full_retention
+        applied.append("full_retention")
+    if (
+        options.incremental_retention
+        and (
+            options.full_retention is None or options.incremental_retention < options.full_retention
+        )
+        and "incremental_retention" in due
     ):
         remove_all_inc_of_but_n_full(
             target, options.incremental_retention, executable=executable, timeout=timeout
         )
+        applied.append("incremental_retention")
+    return tuple(applied)
 
 
 def remove_all_but_n_full(
@@ -1100,3 +1155,88 @@ def cleanup(target: Target, *, executable: str | None = None, timeout: float | N
         executable=executable,
         timeout=timeout,
     )
+
+
+def partial_files(target: Target) -> tuple[Path, ...]:
+    """The ``*.part`` files in ``target``'s cache: a backup of it was interrupted.
+
+    Once the first volume of a set is uploaded, duplicity keeps the set's
+    manifest and signatures as ``duplicity-*.part`` in its cache and renames
+    them when the set is complete; a ``.part`` left over means it never was.
+    (Killed before that, it leaves only a temporary directory in the cache
+    and nothing on the backend.)
+    """
+    directory = target.archive_dir / target.name
+    return tuple(sorted(directory.glob("duplicity-*.part")))
+
+
+def discard_interrupted_backup(
+    target: Target, *, executable: str | None = None, timeout: float | None = None
+) -> Collection:
+    """Delete what interrupted backups of ``target`` left, in the cache and on the
+    backend; return the collection as it then is.
+
+    Left alone, duplicity *resumes* a set whose ``.part`` manifest is in the
+    cache, from the last volume uploaded: right only when the source files
+    have not changed since, and virt-dup's have (recovery merged the guest's
+    writes into the images the interrupted run was reading), so the resumed
+    set would hold two points in time.  Without the ``.part`` files the
+    volumes on the backend are an incomplete set, which ``cleanup --force``
+    deletes (``collection-status`` would otherwise even count a partial full
+    as a chain).  A set that was complete on the backend is downloaded into
+    the cache again by duplicity and kept.  The temporary directories a
+    killed duplicity left in the cache (with its signature file in progress:
+    0.3 % of the data read) are deleted too.
+
+    The caller makes sure no backup of ``target`` runs meanwhile (the
+    domain's lock): a ``.part`` file is then always a leftover.
+    """
+    for path in partial_files(target):
+        logger.warning("discarding %s, left by an interrupted backup", path)
+        path.unlink(missing_ok=True)
+    _remove_stale_temporary_directories(target.archive_dir / target.name)
+    collection = collection_status(target, executable=executable, timeout=timeout)
+    if collection.incomplete_sets or collection.orphaned_sets:
+        logger.warning(
+            "deleting %d incomplete and %d orphaned backup set(s) from %s",
+            collection.incomplete_sets,
+            collection.orphaned_sets,
+            target.display_url,
+        )
+        cleanup(target, executable=executable, timeout=timeout)
+        collection = collection_status(target, executable=executable, timeout=timeout)
+    return collection
+
+
+def _remove_stale_temporary_directories(cache: Path) -> None:
+    """Delete ``duplicity-*-tempdir`` in a job's cache unless a duplicity uses it now.
+
+    Every duplicity holds ``lockfile`` there (a POSIX lock, through fasteners)
+    while it runs; holding it here means none does, so every temporary
+    directory is a leftover.
+    """
+    if not cache.is_dir():
+        return
+    with open(cache / "lockfile", "a") as lock:
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # a restore or listing of this job runs: its files are in use
+        try:
+            for leftover in cache.glob("duplicity-*-tempdir"):
+                logger.info("deleting %s, left by a duplicity that was killed", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
+        finally:
+            fcntl.lockf(lock, fcntl.LOCK_UN)
+
+
+def full_is_due_in(
+    collection: Collection, full_every: str | None, *, now: datetime | None = None
+) -> bool:
+    """Whether the next backup of ``collection`` is a full one (see :func:`full_is_due`)."""
+    last_full = collection.last_full_time
+    if last_full is None:
+        return True
+    if full_every is None:
+        return False
+    return (now or datetime.now(UTC)) - last_full >= parse_interval(full_every)

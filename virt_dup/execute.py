@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import logging
 import os
 import re
@@ -45,6 +46,8 @@ MESSAGE_LINE_WIDTH = 300
 #: After the program ended, how long its output pipes may stay open (a
 #: grandchild that inherited them) before we stop reading.
 _DRAIN_TIMEOUT_S = 10.0
+#: prctl(2) option: the signal a process gets when its parent thread ends.
+_PR_SET_PDEATHSIG = 1
 
 #: Environment variable names whose values are masked whatever the caller says.
 _SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN|CREDENTIAL|API_?KEY", re.IGNORECASE)
@@ -208,6 +211,8 @@ def run(
     without the newline) as it arrives.  ``pass_fds``: file descriptors the
     program inherits.  ``ok_codes``: exit codes that count as success.
     ``exit_meanings``: words for exit codes, quoted in the error.
+    The program is killed (SIGKILL) when the calling thread or process dies,
+    even by SIGKILL: it never outlives us.
 
     Returns :class:`Completed`.  Raises :class:`CommandFailed` when the exit
     code is not in ``ok_codes``, the program was killed or timed out, and
@@ -234,6 +239,7 @@ def run(
             # for a keyboard; and its own process group, so a timeout kills
             # the program and its helpers (duplicity's gpg), not only the program.
             start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()),
         )
     except FileNotFoundError:
         hint = INSTALL_HINTS.get(os.path.basename(argv[0]))
@@ -342,6 +348,28 @@ def _write_all(stream: IO[bytes], data: bytes) -> None:
         stream.write(data)
     with contextlib.suppress(BrokenPipeError, OSError):
         stream.close()
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the kernel SIGKILL the program when we die.
+
+    Its own session protects the program from our terminal's signals, so
+    nothing else would stop it when we are SIGKILLed (OOM killer, systemd's
+    final kill): a duplicity left running would finish a backup set from
+    disk images that recovery is changing under it.  ``PR_SET_PDEATHSIG``
+    fires when the *thread* that started the program ends; :func:`run`
+    waits in that thread, so it lives as long as the program should.  A
+    parent that died before the setting took effect is caught by the
+    ``getppid`` check.
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
+
+    def set_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return set_death_signal
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:

@@ -103,5 +103,17 @@ def recover_all(hypervisor: Hypervisor, store: StateStore) -> tuple[list[str], l
             with store.domain_lock(domain_uuid, domain.name()):
                 done.extend(recover_domain(hypervisor, store, domain))
         except (VirtDupError, NotFoundError) as error:
-            errors.append(str(error))
+            # A domain undefined (or a transient one stopped) since the listing
+            # left nothing to recover, unless a run record names it.
+            if domain_uuid in records or _still_defined(hypervisor, domain_uuid):
+                errors.append(str(error))
+            else:
+                log.info("domain %s went away while being checked: %s", domain.name(), error)
     return done, errors
+
+
+def _still_defined(hypervisor: Hypervisor, domain_uuid: str) -> bool:
+    try:
+        return hypervisor.find_domain(domain_uuid) is not None
+    except VirtDupError:
+        return True  # cannot tell: report the original error

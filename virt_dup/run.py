@@ -89,6 +89,10 @@ class Plan:
     backend_url: str
     full: bool
     target: duplicity.Target
+    #: The job's collection before this run (after any partial set was discarded).
+    collection: duplicity.Collection = field(default_factory=lambda: duplicity.Collection(()))
+    #: An interrupted backup left a partial set (discarded unless this is a dry run).
+    interrupted_backup: bool = False
 
     def describe(self) -> list[str]:
         lines = [
@@ -97,6 +101,8 @@ class Plan:
             f"backend: {self.backend_url} ({'full' if self.full else 'incremental'} backup)",
             f"depth: {self.options.depth}",
         ]
+        if self.interrupted_backup:
+            lines.append("an interrupted backup left a partial backup set: it will be deleted")
         for disk in self.disks:
             chain = " <- ".join(os.path.basename(f.path) for f in reversed(disk.chain))
             lines.append(f"disk {disk.target}: chain {chain}")
@@ -212,8 +218,16 @@ def make_plan(
     domain: libvirt.virDomain,
     job: Job,
     force_full: bool,
+    *,
+    dry_run: bool = False,
 ) -> Plan:
-    """Decide the run without changing anything; raises on every problem found."""
+    """Decide the run without touching the domain; raises on every problem found.
+
+    Unless ``dry_run``, what an interrupted backup of the job left in its
+    cache and on its backend is deleted first (it must never be resumed:
+    :func:`virt_dup.duplicity.discard_interrupted_backup`), so that full or
+    incremental is decided on the collection as the backup will find it.
+    """
     options = job.options.over(config.defaults)
     running = bool(domain.isActive())
     disks = select_disks(hypervisor.disks(domain, inactive=not running), job.disks, domain.name())
@@ -244,8 +258,45 @@ def make_plan(
         )
     backend_url = config.backend_url(backends[0])
     target = duplicity_target(config, job, options, backend_url)
-    full = force_full or duplicity.full_is_due(target, options.full_every)
-    return Plan(job, options, running, tuple(selections), backend_url, full, target)
+    interrupted = duplicity.partial_files(target)
+    if dry_run:
+        collection = duplicity.collection_status(target)
+    else:
+        collection = duplicity.discard_interrupted_backup(target)
+    full = force_full or duplicity.full_is_due_in(collection, options.full_every)
+    return Plan(
+        job,
+        options,
+        running,
+        tuple(selections),
+        backend_url,
+        full,
+        target,
+        collection=collection,
+        interrupted_backup=bool(interrupted or collection.incomplete_sets),
+    )
+
+
+def wait_past_last_backup(
+    collection: duplicity.Collection,
+    clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+) -> float:
+    """Wait (at most a second) until the clock has left the second of the last backup.
+
+    duplicity names a backup set by the second it starts in: a set started
+    in the same second as the last one would share its time (an incremental
+    that ends when the next chain begins confuses retention; two fulls share
+    their file names).  Returns the seconds waited.
+    """
+    last = collection.last_backup_time
+    if last is None:
+        return 0.0
+    wait = min(last.timestamp() + 1.0 - clock(), 1.0)
+    if wait <= 0:
+        return 0.0
+    sleep(wait)
+    return wait
 
 
 def sha256_file(path: str, chunk: int = 4 << 20) -> str:
@@ -325,7 +376,7 @@ def run_job(
                 result.result = "skipped"
                 result.message = f"domain {domain.name()} is shut off (disable_if_powered_off)"
                 return _finish(store, result, started)
-            plan = make_plan(config, hypervisor, domain, job, force_full)
+            plan = make_plan(config, hypervisor, domain, job, force_full, dry_run=dry_run)
             if dry_run:
                 for line in plan.describe():
                     report(line)
@@ -333,6 +384,7 @@ def run_job(
                 return result
             result.full = plan.full
             result.disks = [disk.target for disk in plan.disks]
+            wait_past_last_backup(plan.collection)
             with _signals_raise():
                 _back_up(config, hypervisor, store, domain, plan, result, progress)
     except VirtDupError as error:
@@ -374,6 +426,7 @@ def _back_up(
     )
     store.save_run(record)
     backup_error: VirtDupError | None = None
+    collection_after: duplicity.Collection | None = None  # None: unknown, apply every rule
     try:
         # create_overlays logs a warning when the backup is only crash-consistent
         create_overlays(
@@ -396,6 +449,8 @@ def _back_up(
         )
         result.bytes_read = stats.bytes_read
         result.bytes_uploaded = stats.bytes_uploaded
+        if stats.time is not None and stats.kind in ("full", "incremental"):
+            collection_after = plan.collection.with_backup(stats.kind, stats.time)
     except VirtDupError as error:
         backup_error = error
     finally:
@@ -424,7 +479,7 @@ def _back_up(
         store.clear_run(domain.UUIDString())
     if backup_error is not None:
         raise backup_error
-    duplicity.apply_retention(plan.target, plan.options)
+    duplicity.apply_retention(plan.target, plan.options, collection=collection_after)
     result.result = "success"
     result.message = f"backed up {', '.join(result.disks)} to {plan.backend_url}"
 

@@ -9,14 +9,19 @@ with *plain* duplicity (not virt-dup's adapter, so the check is independent).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from virt_dup import duplicity
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -48,6 +53,14 @@ class BackupEnvironment:
         )
         return cls(root, config, backend, state, cache, gnupg_home, fingerprint)
 
+    @property
+    def process_environment(self) -> dict[str, str]:
+        """virt-dup's environment: a temporary directory of its own, as systemd's
+        PrivateTmp= gives the service (a killed duplicity leaves files there)."""
+        temporary = self.root / "tmp"
+        temporary.mkdir(exist_ok=True)
+        return {**os.environ, "TMPDIR": str(temporary)}
+
     def virt_dup(self, *arguments: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         finished = subprocess.run(
             [sys.executable, "-m", "virt_dup", "--config", str(self.config), *arguments],
@@ -55,6 +68,7 @@ class BackupEnvironment:
             text=True,
             check=False,
             stdin=subprocess.DEVNULL,
+            env=self.process_environment,
         )
         if check and finished.returncode != 0:
             raise AssertionError(
@@ -69,6 +83,7 @@ class BackupEnvironment:
             stderr=subprocess.PIPE,
             text=True,
             stdin=subprocess.DEVNULL,
+            env=self.process_environment,
         )
 
     def job_url(self, job_uuid: str) -> str:
@@ -103,6 +118,47 @@ class BackupEnvironment:
         self.duplicity(*arguments)
         return destination
 
+    def backed_up_files(self, job_uuid: str) -> set[Path]:
+        """The regular files in the job's latest backup (plain ``list-current-files``)."""
+        listing = self.duplicity("list-current-files", self.job_url(job_uuid)).stdout
+        paths = {
+            Path("/", match.group(1))
+            for match in re.finditer(r"^\w{3} \w{3} [ \d]\d [\d:]{8} \d{4} (.+)$", listing, re.M)
+        }
+        # Directories are listed too (var, var/lib...): keep only the leaves.
+        return {path for path in paths if not any(path in other.parents for other in paths)}
+
+    def collection(self, job_uuid: str) -> duplicity.Collection:
+        """The job's collection as duplicity's ``collection-status`` reports it, read
+        with a cache of its own (not virt-dup's)."""
+        target = duplicity.Target(
+            url=self.job_url(job_uuid),
+            archive_dir=self.root / "plain-cache",
+            name=f"plain-{job_uuid}",
+            encrypt_keys=(self.fingerprint,),
+            gnupg_home=self.gnupg_home,
+        )
+        return duplicity.collection_status(target)
+
+    def status(self, job_uuid: str) -> dict[str, Any]:
+        """The job's status file (last run, last success, last error)."""
+        loaded: dict[str, Any] = json.loads(
+            (self.state / "status" / f"{job_uuid}.json").read_text()
+        )
+        return loaded
+
+    def run_record(self, domain_uuid: str) -> Path:
+        """Where an unfinished run of the domain is recorded."""
+        return self.state / "runs" / f"{domain_uuid}.json"
+
+    def run_phase(self, domain_uuid: str) -> str | None:
+        """The phase of the domain's run in flight (None: no run recorded)."""
+        try:
+            phase: str = json.loads(self.run_record(domain_uuid).read_text())["phase"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return phase
+
 
 def restored_path(destination: Path, original: Path) -> Path:
     """Where a file backed up from ``/`` lands in a restore of the whole backup."""
@@ -126,6 +182,56 @@ def snapshot_files(files: list[Path], into: Path) -> dict[Path, Path]:
         shutil.copyfile(path, copy)
         copies[path] = copy
     return copies
+
+
+def children(pid: int) -> list[int]:
+    """The pids of the processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def process_ended(pid: int) -> bool:
+    """Gone, or a zombie (whoever adopted it has not reaped it yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
+
+
+def command_of(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    except OSError:
+        return []
+
+
+def backing_strings(images: Iterable[Path]) -> dict[Path, str | None]:
+    """The backing file string each image's header records (None for a base)."""
+    strings = {}
+    for image in images:
+        info = subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(image)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        strings[image] = json.loads(info.stdout).get("backing-filename")
+    return strings
+
+
+def file_digests(directory: Path) -> dict[Path, str]:
+    """sha256 of every file under ``directory``."""
+    return {path: sha256(path) for path in sorted(directory.rglob("*")) if path.is_file()}
 
 
 def wait_for(

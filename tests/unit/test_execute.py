@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +24,7 @@ from virt_dup.execute import (
 )
 
 SECRET = "hunter2-correct-horse"
+REPOSITORY = Path(__file__).parents[2]
 
 
 def test_success_returns_stdout_and_code() -> None:
@@ -193,3 +197,37 @@ def test_a_program_cannot_prompt_on_the_terminal() -> None:
         ["sh", "-c", "if (true </dev/tty) 2>/dev/null; then echo tty; else echo no-tty; fi"]
     )
     assert result.stdout == "no-tty\n"
+
+
+def _process_ended(pid: int) -> bool:
+    """Gone, or a zombie waiting for whoever adopted it to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            state = stream.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def test_a_program_dies_with_the_process_that_ran_it() -> None:
+    # A SIGKILLed `virt-dup run` cannot clean up after itself: a duplicity it
+    # left running would go on reading disk images that recovery is changing.
+    script = (
+        "from virt_dup.execute import run\n"
+        "run(['sh', '-c', 'echo $$; exec sleep 60'], "
+        "output_handler=lambda line: print(line, flush=True))\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPOSITORY
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert not _process_ended(child)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 1.0
+    while not _process_ended(child):
+        assert time.monotonic() < deadline, f"pid {child} outlived its parent by 1 s"
+        time.sleep(0.01)
