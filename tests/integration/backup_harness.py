@@ -242,3 +242,12 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def fill(image: Path, pattern: int, offset: int, length: int) -> None:
+    """Write ``length`` bytes of ``pattern`` at ``offset`` into an image no QEMU has open."""
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} {offset} {length}", str(image)],
+        check=True,
+        capture_output=True,
+    )

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from backup_harness import BackupEnvironment
 from libvirt_harness import (
     DEFAULT_IMAGES_PARENT,
     LIBVIRT_URI,
@@ -110,3 +111,9 @@ def make_domain(
         libvirt_conn, harness_session.id, directory, label=request.node.nodeid
     ) as factory:
         yield factory
+
+
+@pytest.fixture
+def environment(tmp_path: Path, gpg_home) -> BackupEnvironment:
+    """A virt-dup.yml with a file:// backend, a throw-away GPG key, private state and cache."""
+    return BackupEnvironment.create(tmp_path, gpg_home.path, gpg_home.fingerprint)

@@ -14,12 +14,12 @@ through QEMU while virt-dup's overlay exists, and then checks:
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 from backup_harness import (
     BackupEnvironment,
+    fill,
     restored_path,
     sha256,
     snapshot_files,
@@ -30,20 +30,6 @@ from libvirt_harness import MIB, ScratchDomain
 pytestmark = pytest.mark.integration
 
 DURING = [(0xC1, 1 * MIB), (0xC2, 17 * MIB), (0xC3, 100 * MIB)]  # (pattern, offset), 1 MiB each
-
-
-@pytest.fixture
-def environment(tmp_path: Path, gpg_home) -> BackupEnvironment:
-    return BackupEnvironment.create(tmp_path, gpg_home.path, gpg_home.fingerprint)
-
-
-def fill(image: Path, pattern: int, offset: int, length: int) -> None:
-    """Write into an image no QEMU has open (before the domain starts)."""
-    subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} {offset} {length}", str(image)],
-        check=True,
-        capture_output=True,
-    )
 
 
 def prepared_domain(make_domain, running: bool) -> ScratchDomain:

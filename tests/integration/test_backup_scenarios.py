@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 from backup_harness import (
-    BackupEnvironment,
     backing_strings,
     children,
     command_of,
     file_digests,
+    fill,
     restored_path,
     sha256,
     snapshot_files,
@@ -31,20 +31,6 @@ from backup_harness import (
 from libvirt_harness import MIB, DiskSpec, ScratchDomain
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def environment(tmp_path: Path, gpg_home) -> BackupEnvironment:
-    return BackupEnvironment.create(tmp_path, gpg_home.path, gpg_home.fingerprint)
-
-
-def fill(image: Path, pattern: int, offset: int, length: int) -> None:
-    """Write into an image no QEMU has open."""
-    subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} {offset} {length}", str(image)],
-        check=True,
-        capture_output=True,
-    )
 
 
 def filled_domain(make_domain, chain: list[str], running: bool = True, **kwargs) -> ScratchDomain:

@@ -37,6 +37,7 @@ from backup_harness import (
     BackupEnvironment,
     children,
     command_of,
+    fill,
     process_ended,
     restored_path,
     sha256,
@@ -57,19 +58,6 @@ BIG_WRITE = (0xAB, 160 * MIB, 128 * MIB)  # makes the block commit take a while
 #: more than two volumes (200 MiB each), so that two are on the backend.
 DATA = {"duplicity-reading": 64 * MIB, "duplicity-uploaded": 424 * MIB}
 SIZE = {"overlay": 192, "duplicity-reading": 192, "duplicity-uploaded": 448, "merge": 320}
-
-
-@pytest.fixture
-def environment(tmp_path: Path, gpg_home) -> BackupEnvironment:
-    return BackupEnvironment.create(tmp_path, gpg_home.path, gpg_home.fingerprint)
-
-
-def fill(image: Path, pattern: int, offset: int, length: int) -> None:
-    subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} {offset} {length}", str(image)],
-        check=True,
-        capture_output=True,
-    )
 
 
 def descendants(pid: int) -> list[int]:
