@@ -120,10 +120,10 @@ def main() -> int:
     name = f"virt-dup-demo-{secrets.token_hex(4)}"
     images = Path("/var/lib/libvirt/images") / name
     with ExitStack() as cleanup:
-        # Not under /tmp or /var/tmp: virt-dup's services run with PrivateTmp=yes.
+        # Beside the images, where a real host keeps its state.
         work = Path(tempfile.mkdtemp(prefix="virt-dup-demo-", dir="/var/lib"))
         cleanup.callback(shutil.rmtree, work, True)
-        # short path (gpg-agent's socket), outside /tmp (PrivateTmp=yes)
+        # a short path: gpg-agent puts its socket in the home
         gnupg = Path(tempfile.mkdtemp(prefix="vd-demo-gpg-", dir="/run"))
         cleanup.callback(shutil.rmtree, gnupg, True)
         cleanup.callback(

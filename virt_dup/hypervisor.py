@@ -188,7 +188,12 @@ class Hypervisor:
         try:
             return str(domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE, 0))
         except libvirt.libvirtError as error:
-            if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+            # NO_DOMAIN: undefined while we were looking (listing all domains
+            # races with other admins' virsh undefine): it holds no jobs now.
+            if error.get_error_code() in (
+                libvirt.VIR_ERR_NO_DOMAIN_METADATA,
+                libvirt.VIR_ERR_NO_DOMAIN,
+            ):
                 return None
             raise LibvirtError(
                 f"cannot read virt-dup metadata of domain {domain.name()}: {_message(error)}"
@@ -199,12 +204,22 @@ class Hypervisor:
         return parse_instance_text(self.metadata_text(domain), domain.name(), domain.UUIDString())
 
     def all_jobs(self) -> Iterator[tuple[libvirt.virDomain, list[Job] | ConfigError]]:
-        """(domain, its jobs or the error that stops reading them) for every domain."""
+        """(domain, its jobs or the error that stops reading them) for every domain.
+
+        A domain undefined (or a transient one stopped) between the listing
+        and the reading of its metadata is left out: it has no jobs any more.
+        """
         for domain in self.domains():
             try:
-                yield domain, self.jobs(domain)
+                jobs = self.jobs(domain)
             except ConfigError as error:
                 yield domain, error
+                continue
+            except LibvirtError:
+                if self.find_domain(domain.UUIDString()) is None:
+                    continue
+                raise
+            yield domain, jobs
 
     def find_job(self, job_uuid: str) -> tuple[libvirt.virDomain, Job]:
         """The job with this uuid, in whichever domain holds it."""

@@ -23,8 +23,8 @@ manager when ``/run/systemd/system`` exists (see /work/shared/ENVIRONMENT.md).
   namespace both are a FIFO that a reader appends to ``manager.log``.
 * ``HOME``, ``XDG_*`` all under one directory in ``/run`` (override the
   parent with ``VIRT_DUP_TEST_SYSTEMD_DIR``), deliberately not under /tmp:
-  virt-dup's services run with ``PrivateTmp=yes`` and would not see a
-  config file there.
+  a unit's sandbox may hide it, and a test must not depend on it. No
+  config file goes there.
 
 Every process is ended by its pid (manager first, with SIGTERM, then its
 leftovers), the cgroups removed, the directory deleted.

@@ -48,6 +48,9 @@ from libvirt_harness import MIB, ScratchDomain
 from systemd_harness import UserManager, user_manager  # noqa: F401 - fixture
 
 from virt_dup import duplicity
+from virt_dup.hypervisor import Hypervisor
+from virt_dup.recovery import recover_all
+from virt_dup.state import StateStore
 
 pytestmark = pytest.mark.integration
 
@@ -353,3 +356,24 @@ def test_the_boot_unit_recovers_a_killed_run(
     assert shown == ["Result=success", "ExecMainStatus=0"]
     check_back_on_original_chain(vm, environment, persistent_xml, DURING)
     assert vm.disk_chain("vda") == (base, top)
+
+
+def test_a_domain_that_vanishes_while_listed_is_skipped(
+    make_domain, environment, libvirt_conn, tmp_path
+) -> None:
+    """Finding a job and recovering every domain read each domain after listing
+    them all; one undefined meanwhile (another admin, a test's teardown) has no
+    jobs and nothing to recover, and must not fail the run or the boot unit."""
+    vm = make_domain(running=False)
+    job = environment.virt_dup("add-job", vm.name).stdout.strip()
+    gone = make_domain(running=False).domain
+    gone.undefine()
+
+    class ListedBeforeItVanished(Hypervisor):
+        def domains(self) -> list:
+            return [gone, vm.domain]  # only these two: recovery must not touch others
+
+    hypervisor = ListedBeforeItVanished(libvirt_conn)
+    domain, found = hypervisor.find_job(job)
+    assert (domain.UUIDString(), found.uuid) == (vm.uuid, job)
+    assert recover_all(hypervisor, StateStore(tmp_path / "state")) == ([], [])
