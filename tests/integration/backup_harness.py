@@ -55,8 +55,8 @@ class BackupEnvironment:
 
     @property
     def process_environment(self) -> dict[str, str]:
-        """virt-dup's environment: a temporary directory of its own, as systemd's
-        PrivateTmp= gives the service (a killed duplicity leaves files there)."""
+        """virt-dup's environment with a temporary directory of its own: what a
+        killed duplicity leaves there goes away with the test's directory."""
         temporary = self.root / "tmp"
         temporary.mkdir(exist_ok=True)
         return {**os.environ, "TMPDIR": str(temporary)}

@@ -319,7 +319,7 @@ def test_the_boot_unit_recovers_a_killed_run(
 ) -> None:
     """virt-dup-recover.service, installed by install-units and started by a real
     systemd manager, puts back a domain whose run was SIGKILLed."""
-    # Under the manager's directory: the unit's PrivateTmp= hides /tmp.
+    # Under the manager's directory, which the unit runs next to (and removes with it).
     (user_manager.root / "virt-dup").mkdir()
     environment = BackupEnvironment.create(
         user_manager.root / "virt-dup", gpg_home.path, gpg_home.fingerprint
