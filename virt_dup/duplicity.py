@@ -814,6 +814,8 @@ def _run_duplicity(
     :class:`CommandError` with one line saying what failed and why.
     """
     program = executable or find_executable()
+    if target.tempdir is not None:
+        target.tempdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     read_end, write_end = os.pipe()
     records: list[LogRecord] = []
     reader = threading.Thread(

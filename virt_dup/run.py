@@ -187,6 +187,9 @@ def duplicity_target(
         # duplicity keeps its cache in <archive_dir>/<name>
         archive_dir=config.cache_directory,
         name=job.uuid,
+        # Volumes are staged in the job's own cache, not /tmp: what a killed
+        # duplicity leaves there is found and removed by the next run.
+        tempdir=config.cache_directory / job.uuid,
         encryption=options.encryption or "gpg",
         encrypt_keys=keys,
         sign_key=config.encryption.sign_key,
