@@ -36,7 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.fspath(Path(__file__).resolve().parent.parent))
 
-from virt_dup import duplicity
+from virt_dup.duplicity import arguments as duplicity_arguments
+from virt_dup.duplicity.runner import Duplicity, find_executable
+from virt_dup.duplicity.target import Target, environment, secrets
 from virt_dup.execute import run
 
 MIB = 1024 * 1024
@@ -116,18 +118,18 @@ class IncrementalResult:
     cache_growth: int
 
 
-def full_backup(target: duplicity.Target, image: Path, extra: tuple[str, ...] = ()) -> float:
+def full_backup(target: Target, image: Path, extra: tuple[str, ...] = ()) -> float:
     """One full backup; ``extra`` options go through execute.run directly."""
     if not extra:
         with timed() as elapsed:
-            duplicity.backup(target, [os.fspath(image)], full=True)
+            Duplicity().backup(target, [os.fspath(image)], full=True)
         return elapsed()
-    arguments = duplicity.backup_arguments(target, True, "/", [os.fspath(image)])
+    arguments = duplicity_arguments.backup_arguments(target, True, "/", [os.fspath(image)])
     with timed() as elapsed:
         run(
-            [duplicity.find_executable(), *arguments[:1], *extra, *arguments[1:]],
-            environment=duplicity.environment(target),
-            secrets=duplicity.secrets(target),
+            [find_executable(), *arguments[:1], *extra, *arguments[1:]],
+            environment=environment(target),
+            secrets=secrets(target),
         )
     return elapsed()
 
@@ -149,7 +151,7 @@ def bench_compression(work: Path, image: Path, gpg_home: Path, key: str) -> list
     ]
     results = []
     for number, (label, crypto, compression, extra) in enumerate(cases):
-        target = duplicity.Target(
+        target = Target(
             url=(work / f"full-{number}").as_uri(),
             archive_dir=work / f"cache-full-{number}",
             name="bench",
@@ -180,7 +182,7 @@ def bench_block_sizes(
         shutil.copyfile(image, copy)
         backend = work / f"inc-{number}"
         cache = work / f"cache-inc-{number}"
-        target = duplicity.Target(
+        target = Target(
             url=backend.as_uri(),
             archive_dir=cache,
             name="bench",
@@ -191,13 +193,13 @@ def bench_block_sizes(
             max_blocksize=block_size,
         )
         with timed() as full_elapsed:
-            duplicity.backup(target, [os.fspath(copy)], full=True)
+            Duplicity().backup(target, [os.fspath(copy)], full=True)
         full_signature = directory_size(backend, "*signatures*")
         cache_before = directory_size(cache)
         before = {entry.name for entry in backend.iterdir()}
         changed = scattered_writes(copy)
         with timed() as elapsed:
-            stats = duplicity.backup(target, [os.fspath(copy)])
+            stats = Duplicity().backup(target, [os.fspath(copy)], full=False)
         assert stats.kind == "incremental", stats
         new = [entry for entry in backend.iterdir() if entry.name not in before]
         result = IncrementalResult(
@@ -237,7 +239,7 @@ def machine() -> str:
     gpg = run(["gpg", "--version"]).stdout.splitlines()[0]
     return (
         f"{os.cpu_count()} x {cpu}, {memory_kib / 1024 / 1024:.0f} GiB RAM, "
-        f"Linux {platform.release()}; duplicity {duplicity.version()}, {gpg}, {qemu}"
+        f"Linux {platform.release()}; duplicity {Duplicity().version()}, {gpg}, {qemu}"
     )
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 
-from virt_dup.actions.units import GENERATOR, data_directory, render_generator  # noqa: E402
+from virt_dup.systemd.units import GENERATOR, data_directory, render_generator  # noqa: E402
 
 TARGET_SECONDS = 0.3
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

@@ -46,11 +46,11 @@ sys.path.insert(0, os.fspath(ROOT / "tests" / "integration"))
 
 import libvirt  # noqa: E402
 import libvirt_qemu  # noqa: E402
-from libvirt_harness import DomainFactory, new_session_id  # noqa: E402
+from harness.domains import DomainFactory, new_session_id  # noqa: E402
 
-from virt_dup import duplicity  # noqa: E402
+from virt_dup.duplicity.runner import Duplicity, find_executable  # noqa: E402
 from virt_dup.execute import run  # noqa: E402
-from virt_dup.run import sha256_file  # noqa: E402
+from virt_dup.files import sha256_file  # noqa: E402
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -179,7 +179,7 @@ def bare_duplicity(
 
 def bare_command(action: str, work: Path, image: Path, name: str, crypto: list[str]) -> list[str]:
     return [
-        duplicity.find_executable(),
+        find_executable(),
         action,
         "--archive-dir",
         os.fspath(work / "bare-cache"),
@@ -222,7 +222,7 @@ def machine() -> str:
     return (
         f"{os.cpu_count()} x {cpu}, {memory_kib / 1024 / 1024:.0f} GiB RAM, "
         f"Linux {platform.release()}; libvirt {libvirt_version}, {qemu}; "
-        f"duplicity {duplicity.version()}, {gpg}"
+        f"duplicity {Duplicity().version()}, {gpg}"
     )
 
 

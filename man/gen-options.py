@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from virt_dup.options import BUILTIN_DEFAULTS, OPTIONS, Option, format_value
+from virt_dup.config.options import BUILTIN_DEFAULTS, OPTIONS, Option, format_value
 
 BEGIN = '.\\" BEGIN GENERATED JOB OPTIONS (man/gen-options.py): do not edit by hand'
 END = '.\\" END GENERATED JOB OPTIONS'

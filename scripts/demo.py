@@ -28,7 +28,7 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY / "tests" / "integration"))
 
-from systemd_harness import UserManager, start_user_manager  # noqa: E402
+from harness.manager import UserManager, start_user_manager  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 VIRT_DUP = VENV_BIN / "virt-dup"

@@ -1,3 +1,3 @@
-from virt_dup.cli import main
+from virt_dup.cli.main import main
 
 raise SystemExit(main())

@@ -48,7 +48,16 @@ class NotFoundError(VirtDupError):
 
 
 class LibvirtError(VirtDupError):
-    """libvirtd refused or failed an operation (message says which, on what)."""
+    """libvirtd refused or failed an operation (message says which, on what).
+
+    ``code``: libvirt's error code (``VIR_ERR_*``) and ``reason`` libvirt's own
+    message, when libvirt gave them.
+    """
+
+    def __init__(self, message: str, code: int | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason if reason is not None else message
 
 
 class CommandError(VirtDupError):

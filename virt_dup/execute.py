@@ -219,19 +219,52 @@ def run(
     :class:`~virt_dup.errors.CommandError` when it cannot be started.
     """
     argv = [os.fspath(argument) for argument in command]
-    all_secrets = _all_secrets(environment, secrets)
     shown = command_line(argv, environment, secrets)
-    child_environment = _child_environment(environment)
     logger.debug("running: %s", shown)
-
     started = time.monotonic()
+    process = _start(argv, shown, _child_environment(environment), input, pass_fds, cwd)
+    output = _Output(argv[0], _all_secrets(environment, secrets), output_handler)
+    assert process.stdout is not None and process.stderr is not None
+    readers = [
+        _start_thread(_read_lines, process.stdout, output.take_stdout),
+        _start_thread(_read_lines, process.stderr, output.take_stderr),
+    ]
+    if input is not None:
+        assert process.stdin is not None
+        data = input.encode() if isinstance(input, str) else input
+        readers.append(_start_thread(_write_all, process.stdin, data))
+    returncode = _wait(process, readers, timeout)
+    if output.handler_errors:
+        raise output.handler_errors[0]
+    elapsed = time.monotonic() - started
+    tail = tuple(output.stderr_tail)
+    stdout = "".join(output.stdout_chunks)
+    if returncode is not None and returncode in ok_codes:
+        logger.debug("%s: exited with code %d after %.1f s", argv[0], returncode, elapsed)
+        return Completed(returncode=returncode, stdout=stdout, stderr_tail=tail)
+    message = failure_message(shown, returncode, tail, exit_meanings, timeout)
+    logger.debug("%s (after %.1f s)", message, elapsed)
+    raise CommandFailed(
+        message, command=shown, returncode=returncode, stderr_tail=tail, stdout=stdout
+    )
+
+
+def _start(
+    argv: list[str],
+    shown: str,
+    environment: dict[str, str] | None,
+    input: str | bytes | None,
+    pass_fds: Sequence[int],
+    cwd: str | os.PathLike[str] | None,
+) -> subprocess.Popen[bytes]:
+    """Start the program; :class:`CommandError` (one line) when it cannot be."""
     try:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             argv,
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=child_environment,
+            env=environment,
             pass_fds=tuple(pass_fds),
             cwd=cwd,
             # Its own session: no controlling terminal, so a program that would
@@ -249,38 +282,44 @@ def run(
     except OSError as error:
         raise CommandError(f"{shown}: cannot start {argv[0]}: {error.strerror}") from None
 
-    stdout_chunks: list[str] = []
-    stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-    handler_errors: list[BaseException] = []
 
-    def take_stdout(line: str) -> None:
-        stdout_chunks.append(line)
-        if output_handler is not None and not handler_errors:
+class _Output:
+    """What a program writes: standard output kept whole (and handed, masked,
+    line by line to ``handler``), the last lines of standard error."""
+
+    def __init__(
+        self, program: str, secrets: Collection[str], handler: Callable[[str], None] | None
+    ) -> None:
+        self.name = os.path.basename(program)
+        self.secrets = secrets
+        self.handler = handler
+        self.stdout_chunks: list[str] = []
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.handler_errors: list[BaseException] = []
+
+    def take_stdout(self, line: str) -> None:
+        self.stdout_chunks.append(line)
+        if self.handler is not None and not self.handler_errors:
             try:
-                output_handler(mask(line.rstrip("\n"), all_secrets))
-            except Exception as error:  # re-raised below; the pipe must keep draining
-                handler_errors.append(error)
+                self.handler(mask(line.rstrip("\n"), self.secrets))
+            except Exception as error:  # re-raised by run(); the pipe must keep draining
+                self.handler_errors.append(error)
 
-    def take_stderr(line: str) -> None:
-        masked = mask(line.rstrip("\n"), all_secrets)
-        stderr_tail.append(masked)
-        logger.debug("%s: %s", os.path.basename(argv[0]), masked)
+    def take_stderr(self, line: str) -> None:
+        masked = mask(line.rstrip("\n"), self.secrets)
+        self.stderr_tail.append(masked)
+        logger.debug("%s: %s", self.name, masked)
 
-    assert process.stdout is not None and process.stderr is not None
-    readers = [
-        _start_thread(_read_lines, process.stdout, take_stdout),
-        _start_thread(_read_lines, process.stderr, take_stderr),
-    ]
-    if input is not None:
-        assert process.stdin is not None
-        data = input.encode() if isinstance(input, str) else input
-        readers.append(_start_thread(_write_all, process.stdin, data))
 
+def _wait(
+    process: subprocess.Popen[bytes], readers: list[threading.Thread], timeout: float | None
+) -> int | None:
+    """The exit code (``None``: killed at ``timeout``), once the output is read."""
     try:
-        returncode: int | None = process.wait(timeout=timeout)
+        return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(process)
-        returncode = None
+        return None
     except BaseException:  # KeyboardInterrupt included: never leave the program behind
         _kill_group(process)
         raise
@@ -290,23 +329,9 @@ def run(
         # A reader still blocked holds its stream's lock: closing it would hang
         # too.  It is a daemon thread; the pipe goes with the Popen object.
         for stream, reader in zip((process.stdout, process.stderr), readers, strict=False):
-            if not reader.is_alive():
+            if not reader.is_alive() and stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
-
-    if handler_errors:
-        raise handler_errors[0]
-    elapsed = time.monotonic() - started
-    tail = tuple(stderr_tail)
-    stdout = "".join(stdout_chunks)
-    if returncode is not None and returncode in ok_codes:
-        logger.debug("%s: exited with code %d after %.1f s", argv[0], returncode, elapsed)
-        return Completed(returncode=returncode, stdout=stdout, stderr_tail=tail)
-    message = failure_message(shown, returncode, tail, exit_meanings, timeout)
-    logger.debug("%s (after %.1f s)", message, elapsed)
-    raise CommandFailed(
-        message, command=shown, returncode=returncode, stderr_tail=tail, stdout=stdout
-    )
 
 
 def _all_secrets(

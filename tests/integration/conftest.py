@@ -2,7 +2,7 @@
 
 ``libvirt_conn``  (session) an open ``libvirt.virConnect``.  Skips when the
                   daemon is unreachable, fails instead when ``CI=true``.
-``make_domain``   (function) a :class:`libvirt_harness.DomainFactory`: call it
+``make_domain``   (function) a :class:`harness.domains.DomainFactory`: call it
                   to get a running (or shut-off) throw-away domain with qcow2
                   chains; everything it made is removed after the test, even a
                   failed one.
@@ -10,7 +10,7 @@
 
 Example::
 
-    from libvirt_harness import MIB, DiskSpec
+    from harness.domains import MIB, DiskSpec
 
     pytestmark = pytest.mark.integration
 
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from backup_harness import BackupEnvironment
-from libvirt_harness import (
+from harness.backups import BackupEnvironment
+from harness.domains import (
     DEFAULT_IMAGES_PARENT,
     LIBVIRT_URI,
     DomainFactory,
@@ -98,7 +98,7 @@ def make_domain(
 
     ``make_domain(name_prefix="vdt", disks=("vda",), running=True,
     chain=("base", "vm"), size=64 * MIB, guest_agent_channel=False)`` returns
-    a :class:`libvirt_harness.ScratchDomain`.  ``make_domain.create_image(name)``
+    a :class:`harness.domains.ScratchDomain`.  ``make_domain.create_image(name)``
     makes an image to share as a base (``DiskSpec(backing=...)``).  Images go
     to ``<images root>/<test name>-<n>/<domain>/<target>/``.  After the test
     (passed or failed) every domain made is destroyed and undefined and the

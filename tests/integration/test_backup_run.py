@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import pytest
-from backup_harness import (
+from harness.backups import (
     BackupEnvironment,
     fill,
     restored_path,
@@ -25,7 +25,7 @@ from backup_harness import (
     snapshot_files,
     wait_for,
 )
-from libvirt_harness import MIB, ScratchDomain
+from harness.domains import MIB, ScratchDomain
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from backup_harness import (
+from harness.backups import (
     backing_strings,
     children,
     command_of,
@@ -28,7 +28,7 @@ from backup_harness import (
     snapshot_files,
     wait_for,
 )
-from libvirt_harness import MIB, DiskSpec, ScratchDomain
+from harness.domains import MIB, DiskSpec, ScratchDomain
 
 pytestmark = pytest.mark.integration
 

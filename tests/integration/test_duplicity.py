@@ -19,21 +19,24 @@ from typing import Protocol
 
 import pytest
 
-from virt_dup import duplicity
-from virt_dup.duplicity import BackupProgress, Target
+from virt_dup.config.options import JobOptions
+from virt_dup.duplicity.collection import full_is_due
+from virt_dup.duplicity.protocol import BackupProgress, BackupStats
+from virt_dup.duplicity.runner import Duplicity, find_executable
+from virt_dup.duplicity.target import Target
 from virt_dup.errors import CommandError
-from virt_dup.options import JobOptions
 
 pytestmark = pytest.mark.integration
 
 JOB_UUID = "6d1c1f0e-2b7a-4f0e-8d6a-0c2f4f9b7a31"
+duplicity = Duplicity()
 SECRET = "s3cret passphrase, never in argv"
 
 
 @pytest.fixture(autouse=True)
 def _duplicity_installed(require: Callable[[bool, str], None]) -> None:
     try:
-        duplicity.find_executable()
+        find_executable()
     except Exception as error:
         require(False, str(error))
 
@@ -81,6 +84,21 @@ def restored(destination: Path, original: Path) -> Path:
     return destination / original.relative_to("/")
 
 
+def next_is_full(target: Target, full_every: str | None = None, **when: datetime) -> bool:
+    """virt-dup's decision (made once, before the backup): full or incremental."""
+    return full_is_due(duplicity.collection_status(target), full_every, **when)
+
+
+def backup(
+    target: Target, paths: list[str], runner: Duplicity = duplicity, **options: object
+) -> BackupStats:
+    """A backup, full or incremental as virt-dup decides it when ``full`` is not given."""
+    full = options.pop("full", None)
+    if full is None:
+        full = full_is_due(runner.collection_status(target), None)
+    return runner.backup(target, paths, full=bool(full), **options)  # type: ignore[arg-type]
+
+
 def test_version_is_3() -> None:
     assert duplicity.version().startswith("3.")
 
@@ -94,21 +112,23 @@ def test_encrypted_full_then_incremental_and_restore_of_each_point(
     paths = [os.fspath(files["image"]), os.fspath(files["xml"].parent)]
     progress: list[BackupProgress] = []
 
-    assert duplicity.full_is_due(target, "30D")
-    full = duplicity.backup(target, paths, full_if_older_than="30D", progress=progress.append)
+    assert next_is_full(target, "30D")
+    full = duplicity.backup(
+        target, paths, full=next_is_full(target, "30D"), progress=progress.append
+    )
     assert full.kind == "full"
     assert full.bytes_read >= len(first_image)
     assert full.bytes_uploaded > 0
     assert progress and progress[-1].bytes_read == full.bytes_read
-    assert not duplicity.full_is_due(target, "30D")
-    assert duplicity.full_is_due(target, "30D", now=datetime.now(UTC) + timedelta(days=31))
+    assert not next_is_full(target, "30D")
+    assert next_is_full(target, "30D", now=datetime.now(UTC) + timedelta(days=31))
 
     next_second()
     second_image = bytearray(first_image)
     second_image[100_000:100_010] = b"0123456789"
     files["image"].write_bytes(second_image)
     files["xml"].write_text("<domain>v2</domain>")
-    incremental = duplicity.backup(target, paths, full_if_older_than="30D")
+    incremental = duplicity.backup(target, paths, full=next_is_full(target, "30D"))
     assert incremental.kind == "incremental"
     assert incremental.changed_bytes > 0
 
@@ -149,7 +169,7 @@ def test_restore_on_a_fresh_host_needs_only_the_backend(tmp_path: Path, gpg_home
     target = make_target(tmp_path, gpg_home)
     image = os.urandom(50_000)
     files = write_source(tmp_path / "src", image, "<domain/>")
-    duplicity.backup(target, [os.fspath(files["image"])])
+    backup(target, [os.fspath(files["image"])])
     fresh = make_target(tmp_path, gpg_home, archive_dir=tmp_path / "new-host-cache" / JOB_UUID)
     assert len(duplicity.collection_status(fresh).chains) == 1
     duplicity.restore(fresh, tmp_path / "out")
@@ -160,7 +180,7 @@ def test_unencrypted_backup_and_restore(tmp_path: Path) -> None:
     target = make_target(tmp_path, compression=True)
     image = os.urandom(80_000)
     files = write_source(tmp_path / "src", image, "<domain/>")
-    duplicity.backup(target, [os.fspath(files["image"])])
+    backup(target, [os.fspath(files["image"])])
     names = os.listdir(tmp_path / "backend")
     assert names and not any(name.endswith(".gpg") for name in names)
     assert any(name.endswith(".difftar.gz") for name in names)
@@ -173,10 +193,10 @@ def test_unencrypted_backup_and_restore(tmp_path: Path) -> None:
 def test_compression_can_change_within_a_chain(tmp_path: Path) -> None:
     image = os.urandom(40_000)
     files = write_source(tmp_path / "src", image, "<domain/>")
-    duplicity.backup(make_target(tmp_path, compression=True), [os.fspath(files["image"])])
+    backup(make_target(tmp_path, compression=True), [os.fspath(files["image"])])
     next_second()
     files["image"].write_bytes(image[::-1])
-    stats = duplicity.backup(make_target(tmp_path, compression=False), [os.fspath(files["image"])])
+    stats = backup(make_target(tmp_path, compression=False), [os.fspath(files["image"])])
     assert stats.kind == "incremental"
     duplicity.restore(make_target(tmp_path), tmp_path / "out")
     assert restored(tmp_path / "out", files["image"]).read_bytes() == image[::-1]
@@ -189,9 +209,9 @@ def test_another_set_of_files_is_not_a_source_mismatch(tmp_path: Path) -> None:
     other = tmp_path / "elsewhere" / "vdb.qcow2"
     other.parent.mkdir()
     other.write_bytes(b"second disk")
-    duplicity.backup(target, [os.fspath(files["image"])])
+    backup(target, [os.fspath(files["image"])])
     next_second()
-    stats = duplicity.backup(target, [os.fspath(files["image"]), os.fspath(other)])
+    stats = backup(target, [os.fspath(files["image"]), os.fspath(other)])
     assert stats.kind == "incremental"
     duplicity.restore(target, tmp_path / "out")
     assert restored(tmp_path / "out", other).read_bytes() == b"second disk"
@@ -204,7 +224,7 @@ def test_glob_characters_in_a_file_name_are_literal(tmp_path: Path) -> None:
     wanted = directory / "vm[1]*?.qcow2"
     wanted.write_bytes(b"wanted")
     (directory / "vm1xy.qcow2").write_bytes(b"matches the glob, not the name")
-    duplicity.backup(target, [os.fspath(wanted)])
+    backup(target, [os.fspath(wanted)])
     listed = {entry.path for entry in duplicity.list_files(target)}
     assert os.fspath(wanted).lstrip("/") in listed
     assert os.fspath(directory / "vm1xy.qcow2").lstrip("/") not in listed
@@ -219,7 +239,7 @@ def test_retention_removes_whole_chains(tmp_path: Path) -> None:
         assert duplicity.backup(target, paths, full=True).kind == "full"
         next_second()
         files["image"].write_bytes(b"inc %d" % number)
-        assert duplicity.backup(target, paths).kind == "incremental"
+        assert backup(target, paths).kind == "incremental"
         next_second()
 
     def shape() -> list[int]:
@@ -265,7 +285,7 @@ def test_an_unusable_file_backend_fails_with_one_line(tmp_path: Path) -> None:
     target = make_target(tmp_path, url=(blocker / "backups").as_uri())
     files = write_source(tmp_path / "src", b"x", "<domain/>")
     with pytest.raises(CommandError) as caught:
-        duplicity.backup(target, [os.fspath(files["image"])])
+        backup(target, [os.fspath(files["image"])])
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith(f"duplicity could not reach {(blocker / 'backups').as_uri()}: ")
@@ -276,7 +296,7 @@ def test_an_unknown_encryption_key_fails_with_one_line(tmp_path: Path, gpg_home:
     target = make_target(tmp_path, gpg_home, encrypt_keys=("DEADBEEFDEADBEEF",))
     files = write_source(tmp_path / "src", b"x", "<domain/>")
     with pytest.raises(CommandError) as caught:
-        duplicity.backup(target, [os.fspath(files["image"])])
+        backup(target, [os.fspath(files["image"])])
     assert str(caught.value) == (
         f"duplicity backup to {target.url}: encryption failed: gpg: DEADBEEFDEADBEEF: "
         "skipped: No public key; gpg: [stdin]: encryption failed: No public key"
@@ -286,7 +306,7 @@ def test_an_unknown_encryption_key_fails_with_one_line(tmp_path: Path, gpg_home:
 def test_restore_never_overwrites(tmp_path: Path) -> None:
     target = make_target(tmp_path)
     files = write_source(tmp_path / "src", b"x", "<domain/>")
-    duplicity.backup(target, [os.fspath(files["image"])])
+    backup(target, [os.fspath(files["image"])])
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "precious").write_text("keep me")
@@ -305,7 +325,7 @@ def recording_duplicity(directory: Path) -> str:
         "#!/bin/sh\n"
         f'printf "%s\\n" "$@" >> {directory}/argv\n'
         f"env >> {directory}/environ\n"
-        f'exec {duplicity.find_executable()} "$@"\n'
+        f'exec {find_executable()} "$@"\n'
     )
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return os.fspath(script)
@@ -321,8 +341,8 @@ def test_passphrase_reaches_duplicity_only_through_the_environment(
     # Symmetric encryption: the passphrase is the key, and duplicity needs it every time.
     target = make_target(tmp_path, gpg_home, encrypt_keys=(), passphrase=SECRET)
     files = write_source(tmp_path / "src", os.urandom(10_000), "<domain/>")
-    duplicity.backup(target, [os.fspath(files["image"])], executable=executable)
-    duplicity.restore(target, tmp_path / "out", executable=executable)
+    backup(target, [os.fspath(files["image"])], Duplicity(executable))
+    Duplicity(executable).restore(target, tmp_path / "out")
     assert restored(tmp_path / "out", files["image"]).read_bytes() == files["image"].read_bytes()
 
     wrong = make_target(
@@ -333,7 +353,7 @@ def test_passphrase_reaches_duplicity_only_through_the_environment(
         archive_dir=tmp_path / "other-cache",  # no cached signatures: must decrypt
     )
     with pytest.raises(CommandError) as caught:
-        duplicity.restore(wrong, tmp_path / "out2", executable=executable)
+        Duplicity(executable).restore(wrong, tmp_path / "out2")
     assert "\n" not in str(caught.value)
     assert SECRET not in str(caught.value)
 
@@ -351,7 +371,7 @@ def test_a_password_in_the_backend_url_stays_out_of_argv_and_messages(tmp_path: 
     spy.mkdir()
     target = make_target(tmp_path, url="sftp://nobody:hunter2-pw@127.0.0.1:1/x")
     with pytest.raises(CommandError) as caught:
-        duplicity.collection_status(target, executable=recording_duplicity(spy))
+        Duplicity(recording_duplicity(spy)).collection_status(target)
     assert "hunter2-pw" not in str(caught.value)
     assert "sftp://nobody:***@127.0.0.1:1/x" in str(caught.value)
     assert "hunter2-pw" not in (spy / "argv").read_text()
@@ -361,4 +381,4 @@ def test_a_password_in_the_backend_url_stays_out_of_argv_and_messages(tmp_path: 
 def test_missing_duplicity_is_one_clear_line(tmp_path: Path) -> None:
     target = make_target(tmp_path)
     with pytest.raises(CommandError, match="no-duplicity is not installed"):
-        duplicity.collection_status(target, executable=os.fspath(tmp_path / "no-duplicity"))
+        Duplicity(os.fspath(tmp_path / "no-duplicity")).collection_status(target)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from libvirt_harness import (
+from harness.domains import (
     MIB,
     DiskSpec,
     DomainFactory,

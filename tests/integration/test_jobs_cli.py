@@ -16,7 +16,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from libvirt_harness import DiskSpec, ScratchDomain
+from harness.domains import DiskSpec, ScratchDomain
 
 from virt_dup import NAMESPACE
 

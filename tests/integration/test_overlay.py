@@ -15,17 +15,17 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from libvirt_harness import MIB, DomainFactory, ScratchDomain, read_pattern_ok
+from harness.domains import MIB, DomainFactory, ScratchDomain, read_pattern_ok
 
-from virt_dup.errors import LibvirtError, VirtDupError
-from virt_dup.hypervisor import Hypervisor
-from virt_dup.overlay import (
+from virt_dup.backup.overlay import (
     QuiesceResult,
     create_overlays,
     is_virt_dup_overlay,
     merge_overlay,
     overlay_path,
 )
+from virt_dup.errors import LibvirtError, VirtDupError
+from virt_dup.libvirt.connection import Hypervisor
 
 pytestmark = pytest.mark.integration
 

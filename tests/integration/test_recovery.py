@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
-from backup_harness import (
+from harness.backups import (
     BackupEnvironment,
     children,
     command_of,
@@ -44,13 +44,17 @@ from backup_harness import (
     snapshot_files,
     wait_for,
 )
-from libvirt_harness import MIB, ScratchDomain
-from systemd_harness import UserManager, user_manager  # noqa: F401 - fixture
+from harness.domains import MIB, ScratchDomain
+from harness.manager import UserManager, user_manager  # noqa: F401 - fixture
 
-from virt_dup import duplicity
-from virt_dup.hypervisor import Hypervisor
-from virt_dup.recovery import recover_all
-from virt_dup.state import StateStore
+from virt_dup.actions.recover import recover_all
+from virt_dup.backup.state import StateStore
+from virt_dup.duplicity import arguments as duplicity_arguments
+from virt_dup.duplicity.cache import discard_interrupted_backup, partial_files
+from virt_dup.duplicity.collection import full_is_due
+from virt_dup.duplicity.runner import Duplicity, find_executable
+from virt_dup.duplicity.target import Target, environment
+from virt_dup.libvirt.connection import Hypervisor
 
 pytestmark = pytest.mark.integration
 
@@ -261,8 +265,8 @@ def test_a_partial_backup_set_is_discarded_not_resumed(tmp_path: Path) -> None:
     source = tmp_path / "disk.img"
     source.write_bytes(os.urandom(40 * MIB))
 
-    def target(name: str) -> duplicity.Target:
-        return duplicity.Target(
+    def target(name: str) -> Target:
+        return Target(
             url=(tmp_path / name / "backend").as_uri(),
             archive_dir=tmp_path / name / "cache",
             name="job",
@@ -273,10 +277,10 @@ def test_a_partial_backup_set_is_discarded_not_resumed(tmp_path: Path) -> None:
     killed = target("killed")
     backup = subprocess.Popen(
         [
-            duplicity.find_executable(),
-            *duplicity.backup_arguments(killed, True, "/", [os.fspath(source)]),
+            find_executable(),
+            *duplicity_arguments.backup_arguments(killed, True, "/", [os.fspath(source)]),
         ],
-        env={**os.environ, **duplicity.environment(killed)},
+        env={**os.environ, **environment(killed)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -296,17 +300,18 @@ def test_a_partial_backup_set_is_discarded_not_resumed(tmp_path: Path) -> None:
         stream.write(os.urandom(MIB))
     new = sha256(source)
 
+    duplicity = Duplicity()
     # Left alone, duplicity resumes: the set holds the old start and the new rest.
     duplicity.backup(resumed, [os.fspath(source)], full=True)
     duplicity.restore(resumed, tmp_path / "resumed.img", path_to_restore=os.fspath(source))
     assert sha256(tmp_path / "resumed.img") not in (old, new)
 
-    assert duplicity.partial_files(killed)
-    collection = duplicity.discard_interrupted_backup(killed)
+    assert partial_files(killed)
+    collection = discard_interrupted_backup(duplicity, killed)
     assert collection.chains == () and collection.incomplete_sets == 0
-    assert not duplicity.partial_files(killed)
+    assert not partial_files(killed)
     assert not list(backend.iterdir())
-    stats = duplicity.backup(killed, [os.fspath(source)])
+    stats = duplicity.backup(killed, [os.fspath(source)], full=full_is_due(collection, None))
     assert stats.kind == "full"
     duplicity.restore(killed, tmp_path / "restored.img", path_to_restore=os.fspath(source))
     assert sha256(tmp_path / "restored.img") == new

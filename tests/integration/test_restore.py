@@ -21,8 +21,8 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from backup_harness import BackupEnvironment, sha256
-from libvirt_harness import MIB, DiskSpec, ScratchDomain, remove_domain
+from harness.backups import BackupEnvironment, sha256
+from harness.domains import MIB, DiskSpec, ScratchDomain, remove_domain
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from backup_harness import BackupEnvironment
+from harness.backups import BackupEnvironment
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """virt-dup under a real systemd manager: install, timers appear, fire, follow every change.
 
-A ``systemd --user`` in a private mount namespace (systemd_harness) plays
+A ``systemd --user`` in a private mount namespace (harness.manager) plays
 the service manager; the domains are real ones on ``qemu:///system`` (that
 is where libvirtd runs here), so virt-dup.yml says ``scope: user`` (which
 manager) and ``libvirt.uri: qemu:///system`` (which hypervisor): two
@@ -35,15 +35,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from libvirt_harness import DomainFactory
-from systemd_harness import (  # noqa: F401 - fixtures
+from harness.domains import DomainFactory
+from harness.manager import (  # noqa: F401 - fixtures
     UserManager,
     unprivileged_user_manager,
     user_manager,
 )
 
 from virt_dup import NAMESPACE
-from virt_dup.systemd import ServiceManager
+from virt_dup.systemd.manager import ServiceManager
 
 pytestmark = pytest.mark.integration
 
@@ -332,7 +332,7 @@ def test_a_run_record_reaches_journald_as_structured_fields(
     """
     script = (
         "import os, socket\n"
-        "from virt_dup import journal\n"
+        "from virt_dup.systemd import journal\n"
         "os.makedirs('/run/systemd/journal', exist_ok=True)\n"
         "server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
         "server.bind('/run/systemd/journal/socket')\n"

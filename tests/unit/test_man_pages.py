@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from virt_dup import config as config_module
-from virt_dup.config import load_config
-from virt_dup.options import OPTIONS
+from virt_dup.config import load as config_module
+from virt_dup.config.load import load_config
+from virt_dup.config.options import OPTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 MAN = ROOT / "man"

@@ -6,21 +6,20 @@ an unknown disk or backend leaves the domain XML untouched.
 
 from __future__ import annotations
 
-import json
-import sys
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any
 
 import libvirt
 
-from virt_dup.config import Config
-from virt_dup.errors import ConfigError, NotFoundError, UsageError, VirtDupError
-from virt_dup.hypervisor import Disk, Hypervisor, real_path
-from virt_dup.jobs import DiskSelector, Job, is_valid_uuid
-from virt_dup.options import OPTIONS_BY_NAME, JobOptions
-from virt_dup.state import StateStore
+from virt_dup.backup.state import StateStore
+from virt_dup.config.load import Config
+from virt_dup.config.options import OPTIONS_BY_NAME, JobOptions
+from virt_dup.errors import ConfigError, UsageError, VirtDupError
+from virt_dup.libvirt.connection import Hypervisor
+from virt_dup.libvirt.domain_xml import select_disks
+from virt_dup.libvirt.metadata import DiskSelector, Job, is_valid_uuid
 
 
 @dataclass(frozen=True)
@@ -41,41 +40,6 @@ def parse_requested_options(values: Mapping[str, object]) -> JobOptions:
         option = OPTIONS_BY_NAME[name]
         parsed[name] = option.parse(value, option.command_line_flag)
     return JobOptions(**parsed)
-
-
-def select_disks(disks: list[Disk], selector: DiskSelector, domain_name: str) -> list[Disk]:
-    """The disks a selector names; every name must match a qcow2 file disk.
-
-    Raises :class:`NotFoundError` for a dev or path that is no disk of the
-    domain and :class:`ConfigError` for a disk virt-dup cannot back up.
-    """
-    by_target = {disk.target: disk for disk in disks}
-    by_path = {
-        real_path(disk.source): disk for disk in disks if disk.source_type == "file" and disk.source
-    }
-    chosen: list[Disk] = []
-    for dev in selector.devs:
-        if dev not in by_target:
-            targets = ", ".join(by_target) or "none"
-            raise NotFoundError(f"domain {domain_name} has no disk {dev} (its disks: {targets})")
-        chosen.append(by_target[dev])
-    for path in selector.paths:
-        disk = by_path.get(real_path(path))
-        if disk is None:
-            raise NotFoundError(f"{path} is not a disk of domain {domain_name}")
-        chosen.append(disk)
-    if selector.all_disks:
-        chosen = [disk for disk in disks if disk.is_qcow2_file]
-        if not chosen:
-            raise ConfigError(f"domain {domain_name} has no qcow2 disk to back up")
-    for disk in chosen:
-        if not disk.is_qcow2_file:
-            kind = disk.driver_type or disk.source_type
-            raise ConfigError(
-                f"disk {disk.target} of domain {domain_name} is not a qcow2 file ({kind}); "
-                "virt-dup backs up qcow2 disks"
-            )
-    return chosen
 
 
 def add_job(config: Config, hypervisor: Hypervisor, request: AddJobRequest) -> Job:
@@ -180,13 +144,6 @@ def job_record(job: Job, config: Config, domain: libvirt.virDomain | None = None
     return record
 
 
-def _last_run(last_run: dict[str, Any] | None) -> str:
-    if not last_run:
-        return "never"
-    when = str(last_run.get("finished", ""))[:16].replace("T", " ")
-    return f"{last_run.get('result', '?')} {when}".strip()
-
-
 def _jsonable(value: object) -> object:
     return list(value) if isinstance(value, tuple) else value
 
@@ -206,36 +163,3 @@ def list_jobs(
             continue
         records.extend(job_record(job, config, domain) for job in jobs)
     return records, warnings
-
-
-def print_jobs(records: list[dict[str, Any]], as_json: bool, out: TextIO = sys.stdout) -> None:
-    if as_json:
-        json.dump(records, out, indent=2)
-        out.write("\n")
-        return
-    if not records:
-        out.write("no jobs\n")
-        return
-    header = ("DOMAIN", "JOB", "DISKS", "SCHEDULE", "DEPTH", "BACKEND", "LAST RUN")
-    rows = [header]
-    for record in records:
-        options = record["options"]
-        disks = record["disks"]["devs"] + record["disks"]["paths"]
-        schedule = options.get("schedule") or "(none: no timer)"
-        if options.get("full_schedule"):
-            schedule += f" full: {options['full_schedule']}"
-        rows.append(
-            (
-                record["domain"],
-                record["job"],
-                ",".join(disks) or "all",
-                schedule,
-                str(options.get("depth", 0)),
-                ",".join(options.get("backends") or []) or "(none)",
-                _last_run(record.get("last_run")),
-            )
-        )
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header) - 1)]
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        out.write("  ".join([*cells, row[-1]]).rstrip() + "\n")

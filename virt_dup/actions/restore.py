@@ -18,146 +18,58 @@ Where the files go:
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TextIO
 
 import libvirt
 
-from virt_dup.backups import (
-    BackupEntry,
-    BackupMetadata,
-    BackupSource,
-    choose_backup,
-    collection,
-    fetch_metadata,
-    find_sources,
-    format_size,
-    list_backups,
-    one_source,
-)
-from virt_dup.config import Config
-from virt_dup.definition import (
+from virt_dup.backup.state import StateStore
+from virt_dup.config.load import Config
+from virt_dup.errors import UsageError
+from virt_dup.images.qemu_img import allocated_bytes
+from virt_dup.libvirt.connection import Hypervisor
+from virt_dup.libvirt.domain_xml import (
     DefinitionChanges,
     RestoredDisk,
     disk_sources,
     point_disks_at,
     rewrite_definition,
 )
-from virt_dup.errors import UsageError, VirtDupError
-from virt_dup.hypervisor import Hypervisor
-from virt_dup.jobs import parse_xml
-from virt_dup.manifest import ManifestDisk
-from virt_dup.restore import (
+from virt_dup.libvirt.metadata import parse_xml
+from virt_dup.restore.plan import (
     RestoreError,
     RestorePlan,
+    bases_needed,
+    choose_disks,
+    original_destinations,
+    parse_backing_options,
+    plan_restore,
+    target_dir_destinations,
+)
+from virt_dup.restore.sources import (
+    BackupMetadata,
+    BackupSource,
+    choose_backup,
+    collection,
+    fetch_metadata,
+    find_sources,
+    one_source,
+)
+from virt_dup.restore.workspace import (
     RestoreResult,
     Workspace,
-    allocated_bytes,
-    bases_needed,
     check_bases,
     destinations_free,
     fetch_and_check,
     install_files,
-    original_destinations,
-    parse_backing_options,
-    plan_restore,
     remove_set_aside,
     rolled_back_on_failure,
-    select_disks,
-    target_dir_destinations,
-    timed,
 )
-from virt_dup.state import StateStore
+from virt_dup.systemd import journal
 
 #: How long an in-place restore waits for a backup of the domain to finish.
 LOCK_WAIT_SECONDS = 30.0
-
-
-# -- backups ----------------------------------------------------------------------------
-@dataclass
-class JobListing:
-    source: BackupSource
-    metadata: BackupMetadata | None
-    backups: list[BackupEntry] | None  # None: only a summary was asked for
-
-    def as_json(self) -> dict[str, Any]:
-        manifest = self.metadata.manifest if self.metadata else None
-        record: dict[str, Any] = {
-            "job": self.source.job_uuid,
-            "domain": None
-            if manifest is None
-            else {"name": manifest.domain_name, "uuid": manifest.domain_uuid},
-            "backend": self.source.backend_url,
-            "url": self.source.display_url,
-        }
-        if self.backups is not None:
-            record["backups"] = [entry.as_json() for entry in self.backups]
-        return record
-
-
-def list_jobs_backups(
-    config: Config,
-    hypervisor: Callable[[], Hypervisor],
-    domain_or_job: str | None,
-    backend_url: str | None,
-    report: Callable[[str], None] | None = None,
-) -> list[JobListing]:
-    """The backups of the jobs meant (see :func:`virt_dup.backups.find_sources`)."""
-    found = find_sources(config, hypervisor, domain_or_job, backend_url=backend_url, report=report)
-    listings = []
-    for source, metadata in found:
-        backups = list_backups(config, source, report)
-        if metadata is None and backups and backups[-1].disks is not None:
-            metadata = fetch_metadata(config, source, backups[-1].id, report=report)
-        listings.append(JobListing(source, metadata, backups))
-    return listings
-
-
-def _disk_summary(disk: ManifestDisk) -> str:
-    count = len(disk.selected)
-    return f"{disk.target} ({count} file{'' if count == 1 else 's'})"
-
-
-def print_backups(listings: Sequence[JobListing], as_json: bool, out: TextIO = sys.stdout) -> None:
-    if as_json:
-        json.dump([listing.as_json() for listing in listings], out, indent=2)
-        out.write("\n")
-        return
-    for number, listing in enumerate(listings):
-        if number:
-            out.write("\n")
-        manifest = listing.metadata.manifest if listing.metadata else None
-        domain = f"domain {manifest.domain_name}" if manifest else "domain unknown"
-        out.write(f"job {listing.source.job_uuid} of {domain} on {listing.source.display_url}\n")
-        backups = listing.backups or []
-        if not backups:
-            out.write("  no backups\n")
-            continue
-        rows = [("BACKUP ID", "TYPE", "CHAIN", "VOLUMES", "SIZE", "DISKS")]
-        for entry in backups:
-            disks = (
-                "?"
-                if entry.disks is None
-                else ", ".join(_disk_summary(disk) for disk in entry.disks)
-            )
-            rows.append(
-                (
-                    entry.id,
-                    entry.kind,
-                    entry.chain,
-                    str(entry.volumes),
-                    format_size(entry.size),
-                    disks,
-                )
-            )
-        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
-        for row in rows:
-            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-            out.write("  " + "  ".join([*cells, row[-1]]).rstrip() + "\n")
 
 
 # -- restore ------------------------------------------------------------------------------
@@ -248,7 +160,6 @@ def restore(
     it was (the failure is recorded in the journal as well).
     """
     request.check()
-    elapsed = timed()
     found = find_sources(
         config,
         hypervisor,
@@ -262,85 +173,105 @@ def restore(
     hint = found_metadata.folder if found_metadata else None
     metadata = fetch_metadata(config, source, backup.id, hint, report=report)
     manifest = metadata.manifest
-    result = RestoreResult(manifest.domain_name, source.job_uuid, backup.id)
-    try:
-        _restore(config, hypervisor, request, source, backup.id, metadata, result, report)
-    except VirtDupError as error:
-        result.result = "failed"
-        result.message = str(error)
-        result.duration_seconds = elapsed()
-        result.record()
-        raise
-    result.result = "success"
-    result.duration_seconds = elapsed()
-    result.record()
+    result = RestoreResult(source.job_uuid, manifest.domain_name, backup_id=backup.id)
+    with journal.recorded(result):
+        _Restore(config, hypervisor, request, source, backup.id, metadata, result, report).run()
     return result
 
 
-def _restore(
-    config: Config,
-    hypervisor: Callable[[], Hypervisor],
-    request: RestoreRequest,
-    source: BackupSource,
-    backup_id: str,
-    metadata: BackupMetadata,
-    result: RestoreResult,
-    report: Callable[[str], None],
-) -> None:
-    manifest = metadata.manifest
-    disks = select_disks(manifest.disks, request.disks)
-    targets = [disk.target for disk in disks]
-    domain: libvirt.virDomain | None = None
-    if request.in_place:
-        domain = hypervisor().find_domain(manifest.domain_uuid)
+@dataclass
+class _Restore:
+    """One restore: what was asked, from which backup, and what it did so far."""
+
+    config: Config
+    hypervisor: Callable[[], Hypervisor]
+    request: RestoreRequest
+    source: BackupSource
+    backup_id: str
+    metadata: BackupMetadata
+    result: RestoreResult
+    report: Callable[[str], None]
+
+    def run(self) -> None:
+        """Plan everything (steps 1), then carry it out, all or nothing."""
+        request = self.request
+        domain = self._in_place_domain() if request.in_place else None
+        plan = self._plan()
+        definition = self._definition() if request.define else None
+        self.result.disks = [disk.target for disk in plan.disks]
+        self.result.files = [entry.destination for entry in plan.files]
+        if domain is None:
+
+            def finish() -> None:
+                if definition is not None:
+                    _define(
+                        self.hypervisor(), self.metadata, plan, definition, self.result, self.report
+                    )
+
+            self._carry_out(plan, finish)
+            return
+        store = StateStore(self.config.state_directory)
+        with store.domain_lock(domain.UUIDString(), domain.name(), LOCK_WAIT_SECONDS):
+            _check_shut_off(self.hypervisor(), domain, store)
+            self._carry_out(
+                plan, lambda: _point_definition(self.hypervisor(), domain, plan, self.result)
+            )
+
+    def _in_place_domain(self) -> libvirt.virDomain:
+        manifest = self.metadata.manifest
+        domain = self.hypervisor().find_domain(manifest.domain_uuid)
         if domain is None:
             raise RestoreError(
                 f"domain {manifest.domain_name} ({manifest.domain_uuid}) is not defined here: "
                 "without --in-place the files go back where they were (when they are gone), "
                 "or into --target-dir"
             )
-        destinations = original_destinations(disks)
-    elif request.target_dir:
-        destinations = target_dir_destinations(disks, request.target_dir)
-    else:
-        destinations = original_destinations(disks)
-    bases = check_bases(bases_needed(disks), parse_backing_options(request.backing_files, targets))
-    plan = plan_restore(disks, destinations, bases)
-    if not request.in_place:
-        destinations_free(plan)
-    definition = None
-    if request.define:
-        connection = hypervisor()
-        definition = decide_definition(
-            request,
-            _saved_name(metadata),
-            connection.find_domain(manifest.domain_uuid) is not None,
+        return domain
+
+    def _plan(self) -> RestorePlan:
+        request = self.request
+        disks = choose_disks(self.metadata.manifest.disks, request.disks)
+        targets = [disk.target for disk in disks]
+        if request.target_dir and not request.in_place:
+            destinations = target_dir_destinations(disks, request.target_dir)
+        else:
+            destinations = original_destinations(disks)
+        named = parse_backing_options(request.backing_files, targets)
+        plan = plan_restore(disks, destinations, check_bases(bases_needed(disks), named))
+        if not request.in_place:
+            destinations_free(plan)
+        return plan
+
+    def _definition(self) -> Definition:
+        connection = self.hypervisor()
+        return decide_definition(
+            self.request,
+            _saved_name(self.metadata),
+            connection.find_domain(self.metadata.manifest.domain_uuid) is not None,
             lambda name: connection.find_domain(name) is not None,
-            files_back_in_place=not request.target_dir,
+            files_back_in_place=not self.request.target_dir,
         )
-    result.disks = targets
-    result.files = [entry.destination for entry in plan.files]
-    if domain is not None:
-        store = StateStore(config.state_directory)
-        in_place_domain = domain
-        with store.domain_lock(domain.UUIDString(), domain.name(), LOCK_WAIT_SECONDS):
-            _check_shut_off(hypervisor(), domain, store)
-            _carry_out(
-                request,
-                source,
-                backup_id,
-                plan,
-                result,
-                report,
-                lambda: _point_definition(hypervisor(), in_place_domain, plan, result),
+
+    def _carry_out(self, plan: RestorePlan, finish: Callable[[], None]) -> None:
+        """Restore, check and install the files, then ``finish`` (define...); all or
+        nothing."""
+        request, result = self.request, self.result
+        workspace = Workspace()
+        with rolled_back_on_failure(workspace):
+            restored = fetch_and_check(
+                self.source, self.backup_id, plan, workspace, report=self.report
             )
-    else:
-
-        def finish() -> None:
-            if definition is not None:
-                _define(hypervisor(), metadata, plan, definition, result, report)
-
-        _carry_out(request, source, backup_id, plan, result, report, finish)
+            result.notices.extend(restored.warnings)
+            self.report("checksums and qemu-img check: ok; moving the files into place")
+            install_files(plan, restored, workspace, self.backup_id, replace=request.in_place)
+            finish()
+        result.bytes = restored.bytes
+        result.allocated = sum(allocated_bytes(entry.destination) for entry in plan.files)
+        if request.in_place:
+            if request.keep_replaced:
+                result.kept = list(workspace.set_aside.values())
+            else:
+                result.notices.extend(remove_set_aside(workspace))
 
 
 def _check_shut_off(hypervisor: Hypervisor, domain: libvirt.virDomain, store: StateStore) -> None:
@@ -355,32 +286,6 @@ def _check_shut_off(hypervisor: Hypervisor, domain: libvirt.virDomain, store: St
             f"domain {name} has an unfinished backup run: run 'virt-dup recover' first; "
             "nothing was changed"
         )
-
-
-def _carry_out(
-    request: RestoreRequest,
-    source: BackupSource,
-    backup_id: str,
-    plan: RestorePlan,
-    result: RestoreResult,
-    report: Callable[[str], None],
-    finish: Callable[[], None],
-) -> None:
-    """Restore, check and install the files, then ``finish`` (define...); all or nothing."""
-    workspace = Workspace()
-    with rolled_back_on_failure(workspace):
-        restored = fetch_and_check(source, backup_id, plan, workspace, report=report)
-        result.notices.extend(restored.warnings)
-        report("checksums and qemu-img check: ok; moving the files into place")
-        install_files(plan, restored, workspace, backup_id, replace=request.in_place)
-        finish()
-    result.bytes = restored.bytes
-    result.allocated = sum(allocated_bytes(entry.destination) for entry in plan.files)
-    if request.in_place:
-        if request.keep_replaced:
-            result.kept = list(workspace.set_aside.values())
-        else:
-            result.notices.extend(remove_set_aside(workspace))
 
 
 def _define(

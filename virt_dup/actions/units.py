@@ -1,351 +1,36 @@
-"""install-units, sync-timers and the ``run`` stub: virt-dup's side of systemd.
+"""install-units, sync-timers, and the timers following job changes: the
+orchestration of :mod:`virt_dup.systemd.units` and the service manager.
 
-The static units (``units/``) and the generator (``generator/``) are
-templates: :func:`render_installation` fills in their placeholders (the
-virt-dup command, the config file, the watched paths) and says where each
-file goes; :func:`write_installation` writes it.  :func:`sync_timers` makes
-the manager's running timers match what the generator writes.
-
-Where the templates come from (:func:`data_directory`): in a source checkout
-(also an editable install) the top-level ``units/`` and ``generator/`` next
-to the package; in an installed wheel ``<prefix>/share/virt-dup/units`` and
-``.../generator`` (``[options.data_files]`` in setup.cfg).
+:func:`install_units` writes the units and starts them; :func:`sync_timers`
+makes the manager's running timers match what the generator writes;
+:func:`sync_after_job_change` does it after add-job, remove-job or a restore
+that defined a domain.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import re
-import shutil
-import sys
-import tempfile
+import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from virt_dup import __version__
-from virt_dup.config import DEFAULT_PATH, PATH_ENVIRONMENT, Config
-from virt_dup.errors import UsageError, VirtDupError
-from virt_dup.generator import TARGET, TIMER_KINDS
-from virt_dup.jobs import is_valid_uuid
-from virt_dup.systemd import ServiceManager
-
-#: The directory holding the virt_dup package: the repository root in a checkout.
-SOURCE_ROOT = Path(__file__).resolve().parents[2]
-#: Name of the data directory of an installed virt-dup, under ``<prefix>/share``.
-SHARE_NAME = "virt-dup"
-
-#: Static units, installed as they are (after placeholders).
-UNIT_FILES = (
-    "virt-dup@.service",
-    "virt-dup-full@.service",
-    "virt-dup-verify@.service",
-    "virt-dup-alert@.service",
-    "virt-dup.target",
-    "virt-dup-reload.path",
-    "virt-dup-reload.service",
-    "virt-dup-recover.service",
+from virt_dup.config.load import Config
+from virt_dup.systemd.generator import TARGET
+from virt_dup.systemd.manager import ServiceManager, SystemdError, SystemdUnavailable
+from virt_dup.systemd.units import (
+    START_UNITS,
+    TIMER_PATTERNS,
+    InstallSettings,
+    check_scope,
+    data_directory,
+    is_job_timer,
+    read_sources,
+    render_installation,
+    write_installation,
 )
-#: The services a timer starts; they get the drop-ins below.
-RUN_SERVICES = tuple(f"{kind.prefix}@.service" for kind in TIMER_KINDS)
 
-
-@dataclass(frozen=True)
-class DropIn:
-    source: str  # file in units/
-    name: str  # file name inside <unit>.d/
-    scopes: tuple[str, ...]
-
-
-DROP_INS = (
-    DropIn("virt-dup-run.conf", "50-virt-dup-run.conf", ("system", "user")),
-    DropIn("virt-dup-run-system.conf", "60-virt-dup-run-system.conf", ("system",)),
-)
-GENERATOR = "virt-dup-generator"
-#: Units ``install-units`` starts (the target pulls in the timers and the watcher).
-START_UNITS = (TARGET, "virt-dup-reload.path")
-#: Glob patterns of the timers virt-dup-generator writes.
-TIMER_PATTERNS = tuple(f"{kind.prefix}@*.timer" for kind in TIMER_KINDS)
-
-_PLACEHOLDER = re.compile(r"@([A-Z][A-Z_]*)@")
-
-
-# -- where things go ------------------------------------------------------------
-def default_unit_directory(scope: str, environ: Mapping[str, str] | None = None) -> Path:
-    """Where an admin's units go: /etc/systemd/system, or ~/.config/systemd/user."""
-    if scope == "system":
-        return Path("/etc/systemd/system")
-    environ = os.environ if environ is None else environ
-    config_home = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config_home) / "systemd" / "user"
-
-
-def default_generator_directory(scope: str) -> Path:
-    """Where an admin's generators go.  User generators are system-wide (run by every
-    user's manager): systemd has no per-user generator directory."""
-    return Path(f"/etc/systemd/{scope}-generators")
-
-
-def data_directory(name: str, source_root: Path = SOURCE_ROOT) -> Path:
-    """``units`` or ``generator``: the source checkout's, else the installed copy.
-
-    Raises :class:`VirtDupError` naming the places looked at when none exists.
-    """
-    marker = {"units": UNIT_FILES[0], "generator": GENERATOR}[name]
-    candidates = [
-        source_root / name,  # source checkout, editable install
-        Path(sys.prefix) / "share" / SHARE_NAME / name,  # pip install (venv or system)
-        Path("/usr/local/share") / SHARE_NAME / name,
-        Path("/usr/share") / SHARE_NAME / name,
-    ]
-    for candidate in candidates:
-        if (candidate / marker).is_file():
-            return candidate
-    raise VirtDupError(
-        f"cannot find virt-dup's {name}/ (looked in {', '.join(map(str, candidates))}); "
-        "is virt-dup installed completely?"
-    )
-
-
-def virt_dup_command(argv0: str | None = None, which: str | None = None) -> tuple[str, ...]:
-    """The command a unit runs to call this virt-dup, as words.
-
-    The executable in use when it is called ``virt-dup``, else the one on
-    PATH, else this Python with ``-m virt_dup``.
-    """
-    argv0 = sys.argv[0] if argv0 is None else argv0
-    if Path(argv0).name == "virt-dup" and os.access(argv0, os.X_OK):
-        return (os.path.abspath(argv0),)
-    found = shutil.which("virt-dup") if which is None else which
-    if found:
-        return (os.path.abspath(found),)
-    return (sys.executable, "-m", "virt_dup")
-
-
-# -- unit-file syntax -----------------------------------------------------------
-def _check_line(text: str, what: str) -> str:
-    if any(ord(character) < 32 or ord(character) == 127 for character in text):
-        raise UsageError(f"{what} {text!r}: control characters cannot go into a unit file")
-    return text
-
-
-def unit_path_value(path: Path, what: str) -> str:
-    """A path as the value of a path setting (``PathChanged=``): specifiers escaped."""
-    return _check_line(str(path), what).replace("%", "%%")
-
-
-def exec_word(word: str, what: str = "command") -> str:
-    """One word of an ``ExecStart=`` line: quoted if needed, ``%`` and ``$`` escaped."""
-    text = _check_line(word, what).replace("%", "%%").replace("$", "$$")
-    if text and not re.search(r"[\s\"'\\;]", text):
-        return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def environment_line(name: str, value: str) -> str:
-    """``Environment="NAME=value"`` with quoting and specifiers escaped."""
-    text = _check_line(f"{name}={value}", "environment").replace("%", "%%")
-    return 'Environment="' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def fill_placeholders(text: str, values: Mapping[str, str], source: str) -> str:
-    """Replace every ``@NAME@`` in ``text``; a line that held only a placeholder
-    whose value is empty is dropped.  Raises VirtDupError for an unknown placeholder."""
-    lines = []
-    for line in text.splitlines(keepends=True):
-        if line.lstrip().startswith("#"):
-            lines.append(line)  # comments document the placeholders
-            continue
-        stripped = line.strip()
-        whole = _PLACEHOLDER.fullmatch(stripped)
-        if whole and values.get(whole.group(1)) == "":
-            continue
-
-        def replace(match: re.Match[str]) -> str:
-            try:
-                return values[match.group(1)]
-            except KeyError:
-                raise VirtDupError(f"{source}: unknown placeholder {match.group(0)}") from None
-
-        lines.append(_PLACEHOLDER.sub(replace, line))
-    return "".join(lines)
-
-
-def install_section_wanted_by(text: str) -> list[str]:
-    """The ``WantedBy=`` targets of a unit's ``[Install]`` section."""
-    section = ""
-    wanted: list[str] = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("["):
-            section = stripped
-        elif section == "[Install]" and stripped.startswith("WantedBy="):
-            wanted.extend(stripped.removeprefix("WantedBy=").split())
-    return wanted
-
-
-# -- install-units --------------------------------------------------------------
-@dataclass(frozen=True)
-class InstallSettings:
-    """What the placeholders become and where the files go."""
-
-    scope: str
-    unit_directory: Path
-    generator_directory: Path
-    command: tuple[str, ...]  # how units call virt-dup
-    python: str  # the generator's interpreter: the one that imports this virt_dup
-    config_path: Path
-    #: Not the default path: services get VIRT_DUP_CONFIG, the generator has it baked in.
-    config_explicit: bool
-    libvirt_config_directory: Path
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Config,
-        scope: str | None = None,
-        unit_directory: Path | None = None,
-        generator_directory: Path | None = None,
-        command: tuple[str, ...] | None = None,
-        python: str | None = None,
-    ) -> InstallSettings:
-        scope = scope or config.scope
-        return cls(
-            scope=scope,
-            unit_directory=unit_directory or default_unit_directory(scope),
-            generator_directory=generator_directory or default_generator_directory(scope),
-            command=command or virt_dup_command(),
-            python=python or sys.executable,
-            config_path=config.path.absolute(),
-            config_explicit=config.path.absolute() != DEFAULT_PATH,
-            libvirt_config_directory=config.libvirt_config_dir,
-        )
-
-    def placeholder_values(self) -> dict[str, str]:
-        environment = ""
-        if self.config_explicit:
-            environment = environment_line(PATH_ENVIRONMENT, str(self.config_path))
-        return {
-            "VIRT_DUP": " ".join(exec_word(word) for word in self.command),
-            "CONFIG_ENVIRONMENT": environment,
-            "CONFIG": unit_path_value(self.config_path, "config file"),
-            "LIBVIRT_CONFIG_DIR": unit_path_value(
-                self.libvirt_config_directory, "libvirt config dir"
-            ),
-        }
-
-
-@dataclass
-class Installation:
-    """Files (absolute path -> text, mode) and symlinks (path -> target) to write."""
-
-    files: dict[Path, tuple[str, int]] = field(default_factory=dict)
-    symlinks: dict[Path, Path] = field(default_factory=dict)
-
-
-def render_generator(source: str, python: str, config_path: Path | None) -> str:
-    """The generator script with its shebang set to ``python`` and, when
-    ``config_path`` is given, VIRT_DUP_CONFIG set (systemd runs generators
-    with its own environment, not ours)."""
-    if re.search(r"\s", python) or not os.path.isabs(python):
-        raise UsageError(
-            f"{python!r}: the generator's interpreter must be an absolute path without spaces"
-        )
-    lines = source.splitlines(keepends=True)
-    if lines and lines[0].startswith("#!"):
-        lines = lines[1:]
-    header = 0
-    while header < len(lines) and lines[header].startswith("#"):
-        header += 1
-    setup = []
-    if config_path is not None:
-        setup = [
-            "# Added by virt-dup install-units: the config file it was installed for.\n",
-            "import os  # noqa: E402\n",
-            "\n",
-            f"os.environ.setdefault({PATH_ENVIRONMENT!r}, {str(config_path)!r})\n",
-        ]
-    return "".join([f"#!{python}\n", *lines[:header], *setup, *lines[header:]])
-
-
-def installed_header(source: str) -> str:
-    return (
-        f"# Installed by `virt-dup install-units` (virt-dup {__version__}) from units/{source};\n"
-        "# the next install overwrites it: change settings in a drop-in of your own.\n"
-    )
-
-
-def render_installation(
-    settings: InstallSettings, unit_sources: Mapping[str, str], generator_source: str
-) -> Installation:
-    """Every file and symlink ``install-units`` writes.  Pure.
-
-    ``unit_sources``: the texts of ``units/`` by file name.
-    """
-    values = settings.placeholder_values()
-    installation = Installation()
-    unit_directory = settings.unit_directory
-    for name in UNIT_FILES:
-        text = installed_header(name) + fill_placeholders(unit_sources[name], values, name)
-        installation.files[unit_directory / name] = (text, 0o644)
-        for target in install_section_wanted_by(text):
-            installation.symlinks[unit_directory / f"{target}.wants" / name] = unit_directory / name
-    for drop_in in DROP_INS:
-        if settings.scope not in drop_in.scopes:
-            continue
-        text = installed_header(drop_in.source) + fill_placeholders(
-            unit_sources[drop_in.source], values, drop_in.source
-        )
-        for service in RUN_SERVICES:
-            installation.files[unit_directory / f"{service}.d" / drop_in.name] = (text, 0o644)
-    baked_config = settings.config_path if settings.config_explicit else None
-    generator = render_generator(generator_source, settings.python, baked_config)
-    installation.files[settings.generator_directory / GENERATOR] = (generator, 0o755)
-    return installation
-
-
-def read_sources(units_directory: Path, generator_directory: Path) -> tuple[dict[str, str], str]:
-    """(unit texts by name, generator text) from the template directories."""
-    names = [*UNIT_FILES, *(drop_in.source for drop_in in DROP_INS)]
-    try:
-        units = {name: (units_directory / name).read_text(encoding="utf-8") for name in names}
-        generator = (generator_directory / GENERATOR).read_text(encoding="utf-8")
-    except OSError as error:
-        raise VirtDupError(f"cannot read {error.filename}: {error.strerror}") from None
-    return units, generator
-
-
-def write_installation(installation: Installation) -> None:
-    """Write files atomically (a daemon-reload never sees half a unit) and symlinks.
-
-    Raises :class:`VirtDupError` naming the path that could not be written.
-    """
-    try:
-        for path, (text, mode) in installation.files.items():
-            write_atomically(path, text, mode)
-        for link, target in installation.symlinks.items():
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            link.symlink_to(target)
-    except OSError as error:
-        raise VirtDupError(f"cannot write {error.filename}: {error.strerror}") from None
-
-
-def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
-    """Replace ``path`` by ``text`` in one rename (creating its parents).  Raises OSError."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as output:
-            output.write(text)
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+log = logging.getLogger(__name__)
 
 
 def start_installed(manager: ServiceManager) -> list[str]:
@@ -354,16 +39,6 @@ def start_installed(manager: ServiceManager) -> list[str]:
     jobs = [manager.start_unit(name) for name in START_UNITS]
     manager.wait_for_jobs(jobs)
     return list(START_UNITS)
-
-
-# -- sync-timers ----------------------------------------------------------------
-def is_job_timer(name: str) -> bool:
-    """True for ``virt-dup@<uuid>.timer`` / ``virt-dup-full@<uuid>.timer``."""
-    for kind in TIMER_KINDS:
-        prefix = f"{kind.prefix}@"
-        if name.startswith(prefix) and name.endswith(".timer"):
-            return is_valid_uuid(name[len(prefix) : -len(".timer")])
-    return False
 
 
 @dataclass(frozen=True)
@@ -491,11 +166,71 @@ def sync_timers(manager: ServiceManager) -> SyncReport:
     )
 
 
-def check_scope(config: Config, scope: str) -> str | None:
-    """A notice when units go to a manager other than the one virt-dup.yml names."""
-    if scope == config.scope:
-        return None
-    return (
-        f"installing for the {scope} manager, but {config.path} says scope: {config.scope}; "
-        f"sync-timers and add-job will talk to the {config.scope} manager (set scope: {scope})"
+def install_units(
+    config: Config,
+    settings: InstallSettings,
+    *,
+    dry_run: bool,
+    say: Callable[[str], None],
+    notice: Callable[[str], None],
+) -> None:
+    """Write the units and the generator as ``settings`` say, reload the manager
+    and start :data:`~virt_dup.systemd.units.START_UNITS`.
+
+    ``dry_run`` prints the files instead.  What was done goes to ``say``; a
+    manager that is not reachable (the units then take effect at the next
+    boot) or a scope that is not virt-dup.yml's goes to ``notice``.
+    """
+    mismatch = check_scope(config, settings.scope)
+    if mismatch:
+        notice(mismatch)
+    unit_sources, generator_source = read_sources(
+        data_directory("units"), data_directory("generator")
     )
+    installation = render_installation(settings, unit_sources, generator_source)
+    if dry_run:
+        for path, (text, mode) in sorted(installation.files.items()):
+            say(f"# {path} (mode {mode:04o})")
+            say(text.removesuffix("\n"))
+        for link, target in sorted(installation.symlinks.items()):
+            say(f"# {link} -> {target}")
+        return
+    write_installation(installation)
+    for path in sorted(installation.files):
+        say(f"installed {path}")
+    for link, target in sorted(installation.symlinks.items()):
+        say(f"linked {link} -> {target}")
+    systemctl = "systemctl" if settings.scope == "system" else "systemctl --user"
+    try:
+        with ServiceManager.connect(settings.scope) as manager:
+            started = start_installed(manager)
+    except SystemdUnavailable as error:
+        log.debug("%s", error)
+        notice(
+            f"no systemd {settings.scope} manager reachable; the units take effect at the "
+            f"next boot, or run: {systemctl} daemon-reload && "
+            f"{systemctl} start {' '.join(START_UNITS)}"
+        )
+        return
+    say(f"reloaded the {settings.scope} manager; started {', '.join(started)}")
+
+
+def sync_after_job_change(config: Config, report: Callable[[str], None]) -> None:
+    """Jobs changed: have the manager run the generator and start/stop timers now.
+
+    No manager is a notice, a failing one a warning (to ``report``, like what
+    changed): the XML is written either way, and virt-dup-reload.path or the
+    next daemon-reload catches up.
+    """
+    try:
+        with ServiceManager.connect(config.scope) as manager:
+            synced = sync_until_settled(manager, lambda: watched_files_state(config))
+    except SystemdUnavailable as error:
+        log.debug("%s", error)
+        report("notice: no systemd manager reachable; timers change at the next daemon-reload")
+        return
+    except SystemdError as error:
+        report(f"warning: {error}; run 'virt-dup sync-timers'")
+        return
+    for line in synced.lines():
+        report(line)

@@ -1,0 +1,176 @@
+"""The generator: golden output trees, robustness, no injection into unit files.
+
+Golden files live in tests/unit/golden/generator/: ``input/`` holds domain
+XML files as libvirt keeps them (plus broken ones), ``expected/`` the tree
+the generator must write.  Regenerate after an intended change with
+``UPDATE_GOLDEN=1 pytest tests/unit/test_generator.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from virt_dup.config.load import parse_config
+from virt_dup.systemd.generator import escape_unit_text, render_units
+
+GOLDEN = Path(__file__).parent / "golden" / "generator"
+REPOSITORY = Path(__file__).parents[3]
+EXECUTABLE = REPOSITORY / "generator" / "virt-dup-generator"
+
+
+def read_tree(root: Path, placeholder_for: Path) -> dict[str, str]:
+    """Every file (text) and symlink ('-> target') below root, by relative path."""
+    tree: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        relative = str(path.relative_to(root))
+        if path.is_symlink():
+            tree[relative] = "-> " + os.readlink(path)
+        elif path.is_file():
+            tree[relative] = path.read_text().replace(str(placeholder_for), "@INPUT@")
+    return tree
+
+
+def run_generator(tmp_path: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """Run the real executable, as systemd would, on the golden input."""
+    config = tmp_path / "virt-dup.yml"
+    config.write_text(
+        (GOLDEN / "virt-dup.yml").read_text() + f"libvirt:\n  config_dir: {GOLDEN / 'input'}\n"
+    )
+    output = tmp_path / "normal"
+    for name in ("normal", "early", "late"):
+        (tmp_path / name).mkdir()
+    environment = {"PATH": os.environ["PATH"], "VIRT_DUP_CONFIG": str(config)}
+    finished = subprocess.run(
+        [
+            sys.executable,
+            str(EXECUTABLE),
+            str(output),
+            str(tmp_path / "early"),
+            str(tmp_path / "late"),
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return output, finished
+
+
+def test_golden_tree(tmp_path: Path) -> None:
+    output, finished = run_generator(tmp_path)
+    assert finished.returncode == 0
+    produced = read_tree(output, GOLDEN / "input")
+    expected_dir = GOLDEN / "expected"
+    if os.environ.get("UPDATE_GOLDEN"):
+        shutil.rmtree(expected_dir, ignore_errors=True)
+        shutil.copytree(output, expected_dir, symlinks=True)
+        for path in expected_dir.rglob("*.timer"):
+            if not path.is_symlink():
+                path.write_text(path.read_text().replace(str(GOLDEN / "input"), "@INPUT@"))
+    assert produced == read_tree(expected_dir, GOLDEN / "input")
+
+
+def test_broken_files_and_jobs_are_skipped_with_a_warning(tmp_path: Path) -> None:
+    output, finished = run_generator(tmp_path)
+    assert finished.returncode == 0
+    warnings = finished.stderr.splitlines()
+    assert any("truncated.xml" in line and "not well-formed" in line for line in warnings)
+    assert any("broken-job.xml" in line and "never runs" in line for line in warnings)
+    assert all(line.startswith("virt-dup-generator: ") for line in warnings)
+    # the healthy domains still got their timers
+    assert (output / "virt-dup@11111111-2222-4333-8444-555555555555.timer").exists()
+
+
+def test_hostile_name_cannot_inject_a_directive(tmp_path: Path) -> None:
+    output, _finished = run_generator(tmp_path)
+    for unit in output.glob("*.timer"):
+        for line in unit.read_text().splitlines():
+            assert not line.startswith("ExecStartPre"), unit
+        description = next(
+            line for line in unit.read_text().splitlines() if line.startswith("Description=")
+        )
+        assert "%i" not in description.replace("%%", "")
+
+
+def test_default_schedule_applies_and_no_schedule_means_no_timer() -> None:
+    domain = b"""<domain><name>vm</name><uuid>5f1c1b0e-2f5e-4c1a-9a53-1d2f0c8b7a61</uuid>
+    <metadata><virt-dup:instance xmlns:virt-dup="https://www.github.com/spencerharmon/virt-dup">
+    <virt-dup:job/></virt-dup:instance></metadata></domain>"""
+    with_default = render_units(
+        parse_config('defaults:\n  schedule: "15 4 * * *"\n', Path("c.yml")),
+        [("vm.xml", domain)],
+    )
+    (text,) = with_default.files.values()
+    assert "OnCalendar=*-*-* 04:15:00" in text
+    without = render_units(parse_config("", Path("c.yml")), [("vm.xml", domain)])
+    assert without.files == {} and without.warnings == []
+
+
+def test_duplicate_job_id_across_domains_is_generated_once() -> None:
+    def domain(name: str, domain_uuid: str) -> bytes:
+        return f"""<domain><name>{name}</name><uuid>{domain_uuid}</uuid>
+        <metadata><virt-dup:instance xmlns:virt-dup="https://www.github.com/spencerharmon/virt-dup">
+        <virt-dup:job uuid="11111111-2222-4333-8444-555555555555" schedule="@daily"/>
+        </virt-dup:instance></metadata></domain>""".encode()
+
+    generated = render_units(
+        parse_config("", Path("c.yml")),
+        [
+            ("a.xml", domain("a", "5f1c1b0e-2f5e-4c1a-9a53-1d2f0c8b7a61")),
+            ("b.xml", domain("b", "6f1c1b0e-2f5e-4c1a-9a53-1d2f0c8b7a61")),
+        ],
+    )
+    assert len(generated.files) == 1
+    assert any("b.xml" in warning and "same id" in warning for warning in generated.warnings)
+
+
+@pytest.mark.parametrize(
+    ("text", "escaped"),
+    [("vm 100%", "vm 100%%"), ("a\nExecStart=x", "a?ExecStart=x"), ("trail\\", "trail")],
+)
+def test_escape_unit_text(text: str, escaped: str) -> None:
+    assert escape_unit_text(text) == escaped
+
+
+def test_generated_timers_verify(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    output, _finished = run_generator(tmp_path)
+    units = tmp_path / "units"
+    units.mkdir()
+    for timer in output.glob("*.timer"):
+        shutil.copy(timer, units / timer.name)
+        service = timer.name.rsplit("@", 1)[0] + "@.service"
+        (units / service).write_text("[Service]\nType=oneshot\nExecStart=/bin/true %i\n")
+    finished = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *sorted(str(t) for t in units.glob("*.timer"))],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"},
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stderr == "", finished.stderr
+
+
+def test_a_manager_of_the_other_scope_gets_no_timers(tmp_path: Path) -> None:
+    """User generators run in every user's manager; system jobs are not theirs."""
+    config = tmp_path / "virt-dup.yml"
+    config.write_text(f"scope: system\nlibvirt:\n  config_dir: {GOLDEN / 'input'}\n")
+    output = tmp_path / "normal"
+    output.mkdir()
+    finished = subprocess.run(
+        [sys.executable, str(EXECUTABLE), str(output)],
+        env={"PATH": os.environ["PATH"], "VIRT_DUP_CONFIG": str(config), "SYSTEMD_SCOPE": "user"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert finished.returncode == 0
+    assert list(output.iterdir()) == []

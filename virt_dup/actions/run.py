@@ -1,0 +1,242 @@
+"""``virt-dup run JOB_UUID``: one backup of one job, start to finish.
+
+The order matters and is the design's:
+
+1. find the job through libvirt (the live XML is authoritative), take the
+   domain's lock;
+2. recover whatever an earlier run left (never stack overlays);
+3. decide everything that can fail *before* touching the domain: disks,
+   chains, depth selection, backend, keys, full or incremental;
+4. record the plan, then put an overlay on every selected disk;
+5. write the metadata folder, back up the selected files with duplicity;
+6. merge every overlay back — always, also when the backup failed;
+7. clear the record, apply retention, record the result.
+
+A SIGTERM (systemd stopping the unit, its start timeout) becomes an
+exception so step 6 still runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import libvirt
+
+from virt_dup.backup.manifest import write_metadata
+from virt_dup.backup.overlay import MERGE_TIMEOUT_SECONDS, create_overlays, merge_overlay
+from virt_dup.backup.plan import Plan, make_plan, wait_past_last_backup
+from virt_dup.backup.recovery import recover_domain
+from virt_dup.backup.state import RunRecord, StateStore
+from virt_dup.config.load import Config
+from virt_dup.duplicity.collection import Collection
+from virt_dup.duplicity.protocol import BackupProgress
+from virt_dup.duplicity.runner import Duplicity
+from virt_dup.errors import VirtDupError
+from virt_dup.files import interruptible
+from virt_dup.libvirt.connection import Hypervisor
+from virt_dup.libvirt.domain_xml import parse_disks
+from virt_dup.libvirt.metadata import Job
+from virt_dup.systemd import journal
+
+log = logging.getLogger(__name__)
+
+
+class RunFailed(VirtDupError):
+    """A run failed; its result is recorded (status file, journal) already."""
+
+    def __init__(self, result: RunResult, cause: VirtDupError) -> None:
+        super().__init__(f"job {result.job_uuid} of domain {result.domain}: {cause}")
+        self.result = result
+        self.exit_code = cause.exit_code
+
+
+@dataclass
+class RunResult(journal.Outcome):
+    """What a run did; becomes the journal record and the status file."""
+
+    ACTION = "backup"
+
+    full: bool | None = None
+    disks: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    bytes_uploaded: int = 0
+    backup_time: str | None = None
+
+    @property
+    def kind(self) -> str | None:
+        return {True: "full", False: "incremental", None: None}[self.full]
+
+    def success_line(self) -> str:
+        return (
+            f"job {self.job_uuid} of domain {self.domain}: {self.kind} backup of "
+            f"{', '.join(self.disks)} done in {self.duration_seconds:.1f} s, "
+            f"{self.bytes_read} bytes read, {self.bytes_uploaded} bytes uploaded"
+        )
+
+    def details(self) -> dict[str, object]:
+        return {
+            "BACKUP_TYPE": self.kind,
+            "DISKS": ",".join(self.disks) or None,
+            "BYTES_READ": self.bytes_read,
+            "BYTES_UPLOADED": self.bytes_uploaded,
+        }
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def run_job(
+    config: Config,
+    hypervisor: Hypervisor,
+    job_uuid: str,
+    *,
+    force_full: bool = False,
+    dry_run: bool = False,
+    report: Callable[[str], None] = print,
+    progress: Callable[[BackupProgress], None] | None = None,
+    duplicity: Duplicity | None = None,
+    lock_wait_seconds: float = 600.0,
+) -> RunResult:
+    """Run one backup of a job; returns the result.
+
+    Every failure is recorded (status file, journal) and raised as
+    :class:`RunFailed`, after every overlay is merged back.
+    """
+    domain, job = hypervisor.find_job(job_uuid)
+    store = StateStore(config.state_directory)
+    result = RunResult(job.uuid, domain.name())
+    run = _Run(config, hypervisor, store, domain, job, duplicity or Duplicity(), report, progress)
+    try:
+        with (
+            journal.recorded(result, lambda done: store.record_result(job.uuid, done.as_status())),
+            store.domain_lock(domain.UUIDString(), domain.name(), lock_wait_seconds),
+        ):
+            run.locked(result, force_full=force_full, dry_run=dry_run)
+    except VirtDupError as error:
+        raise RunFailed(result, error) from None
+    return result
+
+
+@dataclass
+class _Run:
+    """One run of one job, with what it needs."""
+
+    config: Config
+    hypervisor: Hypervisor
+    store: StateStore
+    domain: libvirt.virDomain
+    job: Job
+    duplicity: Duplicity
+    report: Callable[[str], None]
+    progress: Callable[[BackupProgress], None] | None
+
+    def locked(self, result: RunResult, *, force_full: bool, dry_run: bool) -> None:
+        """Steps 2-7 of the module docstring, under the domain's lock."""
+        domain, hypervisor = self.domain, self.hypervisor
+        for line in recover_domain(hypervisor, self.store, domain):
+            self.report(f"recovered: {line}")
+        name = domain.name()
+        running = bool(hypervisor.call(f"cannot read the state of domain {name}", domain.isActive))
+        if self.job.options.over(self.config.defaults).disable_if_powered_off and not running:
+            result.result = "skipped"
+            result.message = f"domain {name} is shut off (disable_if_powered_off)"
+            return
+        # The definition is read once: it is saved in the backup, and its disks
+        # (or the running domain's) are what the plan selects from.
+        domain_xml = hypervisor.domain_xml(domain, inactive=True)
+        current_xml = hypervisor.domain_xml(domain) if running else domain_xml
+        disks = parse_disks(current_xml, f"domain {name}")
+        plan = make_plan(
+            self.config, self.duplicity, disks, running, self.job, force_full, dry_run=dry_run
+        )
+        if dry_run:
+            for line in plan.describe():
+                self.report(line)
+            result.result = "dry-run"
+            return
+        result.full = plan.full
+        result.disks = [disk.target for disk in plan.disks]
+        wait_past_last_backup(plan.collection)
+        with interruptible("merging overlays back"):
+            self.back_up(plan, result, domain_xml)
+
+    def back_up(self, plan: Plan, result: RunResult, domain_xml: str) -> None:
+        """Steps 4-7: record the plan, overlays on, back up, merge back, retention."""
+        record = RunRecord(
+            job_uuid=plan.job.uuid,
+            domain_uuid=self.domain.UUIDString(),
+            domain_name=self.domain.name(),
+            started=_now().isoformat(),
+            pid=os.getpid(),
+            full=plan.full,
+            phase="planned",
+            disks=plan.disks,
+        )
+        self.store.save_run(record)
+        backup_error: VirtDupError | None = None
+        collection_after: Collection | None = None  # None: unknown, apply every rule
+        try:
+            collection_after = self._copy(plan, record, result, domain_xml)
+        except VirtDupError as error:
+            backup_error = error
+        finally:
+            # Merge even after a failure or an interruption: a VM must never be
+            # left running on a temporary overlay.
+            self._merge_back(plan, record)
+        if backup_error is not None:
+            raise backup_error
+        self.duplicity.apply_retention(plan.target, plan.options, collection=collection_after)
+        result.result = "success"
+        result.message = f"backed up {', '.join(result.disks)} to {plan.backend_url}"
+
+    def _copy(
+        self, plan: Plan, record: RunRecord, result: RunResult, domain_xml: str
+    ) -> Collection | None:
+        """Overlays on, then the backup; returns the collection after it (None: unknown)."""
+        # create_overlays logs a warning when the backup is only crash-consistent
+        create_overlays(
+            self.hypervisor,
+            self.domain,
+            {disk.target: disk.overlay for disk in plan.disks},
+            plan.options.quiesce or "auto",
+        )
+        record.phase = "backup"
+        self.store.save_run(record)
+        metadata = self.store.metadata_dir(plan.job.uuid)
+        write_metadata(metadata, plan, domain_xml)
+        includes = [f.path for disk in plan.disks for f in disk.selected] + [str(metadata)]
+        stats = self.duplicity.backup(plan.target, includes, full=plan.full, progress=self.progress)
+        result.bytes_read = stats.bytes_read
+        result.bytes_uploaded = stats.bytes_uploaded
+        if stats.time is None:
+            return None
+        return plan.collection.with_backup(stats.kind, stats.time)
+
+    def _merge_back(self, plan: Plan, record: RunRecord) -> None:
+        """Every overlay merged back, then the record cleared; raises when one is not
+        (the record then stays: the next run or the boot unit finishes the merge)."""
+        record.phase = "merge"
+        self.store.save_run(record)
+        merge_errors = []
+        for disk in plan.disks:
+            try:
+                merge_overlay(
+                    self.hypervisor,
+                    self.domain,
+                    disk.target,
+                    disk.overlay,
+                    disk.original_top,
+                    MERGE_TIMEOUT_SECONDS,
+                )
+            except VirtDupError as error:
+                merge_errors.append(f"disk {disk.target}: {error}")
+        if merge_errors:
+            raise VirtDupError(
+                "overlays not merged back, recovery will retry: " + "; ".join(merge_errors)
+            )
+        self.store.clear_run(self.domain.UUIDString())

@@ -1,0 +1,240 @@
+"""The metadata folder of a backup: ``manifest.json``, ``domain.xml``, ``SHA256SUMS``.
+
+Written here (:func:`write_metadata`) into the folder that is backed up with
+the disks, and read here (:func:`parse_manifest`) when a backup is listed,
+verified or restored: one :class:`Manifest`, made from the run's
+:class:`~virt_dup.backup.plan.DiskPlan`, one JSON form.  ``manifest.json``
+holds the domain, the job, and per disk its chain when the backup began (top
+first), each file with its path, format, virtual size, backing file (the
+string in its header), whether the job's depth selected it and, if so, its
+SHA-256.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from virt_dup import __version__
+from virt_dup.backup.plan import Plan
+from virt_dup.errors import NotFoundError, VirtDupError
+from virt_dup.files import sha256_file, write_atomically
+from virt_dup.libvirt.metadata import render_instance
+
+log = logging.getLogger(__name__)
+
+
+MANIFEST = "manifest.json"
+
+
+DOMAIN_XML = "domain.xml"
+
+
+CHECKSUMS = "SHA256SUMS"
+
+
+#: The manifest format this virt-dup writes and reads.
+MANIFEST_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    """One file of a disk's chain as the backup recorded it (``selected``: in the backup)."""
+
+    path: str
+    format: str
+    virtual_size: int
+    backing_file: str | None
+    backing_format: str | None
+    selected: bool
+    sha256: str | None
+    actual_size: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "path": self.path,
+            "format": self.format,
+            "virtual_size": self.virtual_size,
+            "backing_file": self.backing_file,
+            "backing_format": self.backing_format,
+            "actual_size": self.actual_size,
+            "selected": self.selected,
+        }
+        if self.sha256 is not None:
+            entry["sha256"] = self.sha256
+        return entry
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any]) -> ManifestFile:
+        actual_size = entry.get("actual_size")
+        return cls(
+            path=str(entry["path"]),
+            format=str(entry["format"]),
+            virtual_size=int(entry["virtual_size"]),
+            backing_file=entry.get("backing_file"),
+            backing_format=entry.get("backing_format"),
+            selected=bool(entry["selected"]),
+            sha256=entry.get("sha256"),
+            actual_size=None if actual_size is None else int(actual_size),
+        )
+
+
+@dataclass(frozen=True)
+class ManifestDisk:
+    """A disk of the domain: its target dev and its chain when the backup began, top first."""
+
+    target: str
+    top: str
+    files: tuple[ManifestFile, ...]
+
+    @property
+    def selected(self) -> tuple[ManifestFile, ...]:
+        return tuple(entry for entry in self.files if entry.selected)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "top": self.top,
+            "files": [entry.as_json() for entry in self.files],
+        }
+
+    @classmethod
+    def from_json(cls, disk: Mapping[str, Any]) -> ManifestDisk:
+        return cls(
+            target=str(disk["target"]),
+            top=str(disk["top"]),
+            files=tuple(ManifestFile.from_json(entry) for entry in disk["files"]),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json`` of one backup: which domain, which job, which files."""
+
+    domain_name: str
+    domain_uuid: str
+    job_uuid: str
+    created: str
+    full: bool
+    host: str
+    disks: tuple[ManifestDisk, ...]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    #: The job's ``<virt-dup:instance>`` element, as it was.
+    job_xml: str = ""
+    virt_dup_version: str = ""
+
+    def disk(self, target: str) -> ManifestDisk:
+        for disk in self.disks:
+            if disk.target == target:
+                return disk
+        known = ", ".join(disk.target for disk in self.disks)
+        raise NotFoundError(
+            f"the backup of domain {self.domain_name} has no disk {target} (it has {known})"
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "virt_dup_version": self.virt_dup_version,
+            "host": self.host,
+            "created": self.created,
+            "full": self.full,
+            "domain": {"name": self.domain_name, "uuid": self.domain_uuid},
+            "job": {"uuid": self.job_uuid, "xml": self.job_xml, "options": dict(self.options)},
+            "disks": [disk.as_json() for disk in self.disks],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Manifest:
+        return cls(
+            domain_name=str(data["domain"]["name"]),
+            domain_uuid=str(data["domain"]["uuid"]),
+            job_uuid=str(data["job"]["uuid"]),
+            created=str(data.get("created", "")),
+            full=bool(data.get("full")),
+            host=str(data.get("host", "")),
+            disks=tuple(ManifestDisk.from_json(disk) for disk in data["disks"]),
+            options=dict(data["job"].get("options") or {}),
+            job_xml=str(data["job"].get("xml") or ""),
+            virt_dup_version=str(data.get("virt_dup_version", "")),
+        )
+
+
+def parse_manifest(text: str, where: str) -> Manifest:
+    """A :class:`Manifest` from the text of ``manifest.json``.
+
+    Raises :class:`VirtDupError` naming ``where`` when it is not a manifest
+    this virt-dup can read.
+    """
+    try:
+        data = json.loads(text)
+        if data.get("format") != MANIFEST_FORMAT:
+            raise VirtDupError(
+                f"{where}: manifest format {data.get('format')!r}, this virt-dup reads "
+                f"format {MANIFEST_FORMAT}"
+            )
+        return Manifest.from_json(data)
+    except VirtDupError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise VirtDupError(f"{where}: not a virt-dup manifest: {error!r}") from None
+
+
+def manifest_of(plan: Plan, checksums: Mapping[str, str]) -> Manifest:
+    """What a backup of ``plan`` holds; ``checksums``: path -> SHA-256 of each
+    selected file."""
+    disks = []
+    for disk in plan.disks:
+        selected = {chain_file.path for chain_file in disk.selected}
+        files = tuple(
+            ManifestFile(
+                path=chain_file.path,
+                format=chain_file.format,
+                virtual_size=chain_file.virtual_size,
+                backing_file=chain_file.backing_file,
+                backing_format=chain_file.backing_format,
+                selected=chain_file.path in selected,
+                sha256=checksums.get(chain_file.path) if chain_file.path in selected else None,
+                actual_size=chain_file.actual_size,
+            )
+            for chain_file in disk.chain
+        )
+        disks.append(ManifestDisk(disk.target, disk.original_top, files))
+    options = plan.options.set_values()
+    return Manifest(
+        domain_name=plan.job.domain_name,
+        domain_uuid=plan.job.domain_uuid,
+        job_uuid=plan.job.uuid,
+        created=datetime.now(UTC).isoformat(),
+        full=plan.full,
+        host=socket.gethostname(),
+        disks=tuple(disks),
+        options={k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+        job_xml=render_instance([plan.job]),
+        virt_dup_version=__version__,
+    )
+
+
+def write_metadata(directory: Path, plan: Plan, domain_xml: str) -> Manifest:
+    """The metadata folder backed up with the disks: the manifest (the domain,
+    the job, the chain layout, checksums), the domain XML and ``SHA256SUMS``.
+    Returns the manifest."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    checksums = {
+        chain_file.path: sha256_file(chain_file.path)
+        for disk in plan.disks
+        for chain_file in disk.selected
+    }
+    manifest = manifest_of(plan, checksums)
+    write_atomically(directory / MANIFEST, json.dumps(manifest.as_json(), indent=2))
+    write_atomically(directory / DOMAIN_XML, domain_xml)
+    write_atomically(
+        directory / CHECKSUMS, "".join(f"{digest}  {path}\n" for path, digest in checksums.items())
+    )
+    return manifest

@@ -1,0 +1,188 @@
+"""The plan of a backup: everything decided before the domain is touched.
+
+:func:`make_plan` reads the domain's definition once, selects the disks and
+each one's chain files by depth, builds the job's duplicity target and
+decides, once, whether this backup is a full or an incremental one (on the
+collection as the backup will find it).  Nothing here changes the domain.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from virt_dup.backup.overlay import is_virt_dup_overlay, overlay_path
+from virt_dup.config.load import Config
+from virt_dup.config.options import JobOptions
+from virt_dup.duplicity.cache import discard_interrupted_backup, partial_files
+from virt_dup.duplicity.collection import Collection, full_is_due
+from virt_dup.duplicity.runner import Duplicity
+from virt_dup.duplicity.target import Target, job_target
+from virt_dup.errors import ConfigError, VirtDupError
+from virt_dup.images.chain import ChainFile, read_chain, select_chain
+from virt_dup.libvirt.domain_xml import Disk, select_disks
+from virt_dup.libvirt.metadata import Job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """One disk of a run: its chain when the run began (top first), the files
+    depth selects, and virt-dup's overlay on its top.
+
+    The one shape of a disk's plan: the run record (what recovery merges
+    back) and the manifest (what a restore rebuilds) are both written from it.
+    """
+
+    target: str
+    chain: tuple[ChainFile, ...]
+    selected: tuple[ChainFile, ...]
+    overlay: str
+
+    @property
+    def original_top(self) -> str:
+        """The disk's source file when the run began."""
+        return self.chain[0].path
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "overlay": self.overlay,
+            "chain": [asdict(chain_file) for chain_file in self.chain],
+            "selected": [chain_file.path for chain_file in self.selected],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> DiskPlan:
+        """Raises KeyError, TypeError or ValueError for data that is not a disk plan."""
+        chain = tuple(ChainFile(**entry) for entry in data["chain"])
+        selected = set(data["selected"])
+        return cls(
+            target=str(data["target"]),
+            chain=chain,
+            selected=tuple(entry for entry in chain if entry.path in selected),
+            overlay=str(data["overlay"]),
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided before the domain is touched."""
+
+    job: Job
+    options: JobOptions
+    domain_running: bool
+    disks: tuple[DiskPlan, ...]
+    backend_url: str
+    full: bool
+    target: Target
+    #: The job's collection before this run (after any partial set was discarded).
+    collection: Collection = field(default_factory=lambda: Collection(()))
+    #: An interrupted backup left a partial set (discarded unless this is a dry run).
+    interrupted_backup: bool = False
+
+    def describe(self) -> list[str]:
+        lines = [
+            f"job {self.job.uuid} of domain {self.job.domain_name} "
+            f"({'running' if self.domain_running else 'shut off'})",
+            f"backend: {self.backend_url} ({'full' if self.full else 'incremental'} backup)",
+            f"depth: {self.options.depth}",
+        ]
+        if self.interrupted_backup:
+            lines.append("an interrupted backup left a partial backup set: it will be deleted")
+        for disk in self.disks:
+            chain = " <- ".join(os.path.basename(f.path) for f in reversed(disk.chain))
+            lines.append(f"disk {disk.target}: chain {chain}")
+            lines.extend(f"  backs up {f.path}" for f in disk.selected)
+        return lines
+
+
+def make_plan(
+    config: Config,
+    duplicity: Duplicity,
+    disks: Sequence[Disk],
+    running: bool,
+    job: Job,
+    force_full: bool,
+    *,
+    dry_run: bool = False,
+) -> Plan:
+    """Decide the run without touching the domain; raises on every problem found.
+
+    Unless ``dry_run``, what an interrupted backup of the job left in its
+    cache and on its backend is deleted first (it must never be resumed:
+    :func:`virt_dup.duplicity.cache.discard_interrupted_backup`), so that full
+    or incremental is decided on the collection as the backup will find it.
+    ``disks``: the domain's disks in the definition it ``running`` uses.
+    """
+    options = job.options.over(config.defaults)
+    selections = []
+    for disk in select_disks(disks, job.disks, job.domain_name):
+        assert disk.source is not None  # select_disks returns qcow2 file disks only
+        if is_virt_dup_overlay(disk.source):
+            raise VirtDupError(
+                f"domain {job.domain_name}: disk {disk.target} still runs on a virt-dup overlay "
+                f"({disk.source}) after recovery"
+            )
+        chain = read_chain(disk.source)
+        selected = select_chain(chain, options.depth or 0, disk.target)
+        selections.append(
+            DiskPlan(
+                target=disk.target,
+                chain=chain,
+                selected=selected,
+                overlay=overlay_path(chain[0].path, job.uuid),
+            )
+        )
+    backends = options.backends or ()
+    if not backends:
+        raise ConfigError(
+            f"job {job.uuid}: no backend: set backends on the job or defaults.backends in "
+            f"{config.path}"
+        )
+    backend_url = config.backend_url(backends[0])
+    target = job_target(config, job.uuid, options, backend_url)
+    interrupted = partial_files(target)
+    if dry_run:
+        collection = duplicity.collection_status(target)
+    else:
+        collection = discard_interrupted_backup(duplicity, target)
+    full = force_full or full_is_due(collection, options.full_every)
+    return Plan(
+        job,
+        options,
+        running,
+        tuple(selections),
+        backend_url,
+        full,
+        target,
+        collection=collection,
+        interrupted_backup=bool(interrupted or collection.incomplete_sets),
+    )
+
+
+def wait_past_last_backup(
+    collection: Collection,
+    clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+) -> float:
+    """Wait (at most a second) until the clock has left the second of the last backup.
+
+    duplicity names a backup set by the second it starts in: a set started
+    in the same second as the last one would share its time (an incremental
+    that ends when the next chain begins confuses retention; two fulls share
+    their file names).  Returns the seconds waited.
+    """
+    last = collection.last_backup_time
+    if last is None:
+        return 0.0
+    wait = min(last.timestamp() + 1.0 - clock(), 1.0)
+    if wait <= 0:
+        return 0.0
+    sleep(wait)
+    return wait

@@ -1,0 +1,78 @@
+"""Finish or roll back what a crashed run left behind.
+
+Two sources tell that a run did not finish:
+
+* its record in the state directory (written before the first overlay);
+* a disk whose current source is a virt-dup overlay (found by its file
+  name), which covers a lost or wiped state directory.
+
+Either way the answer is the same: merge the overlay back into the file it
+sits on, so every guest write is kept and the domain runs on its original
+top image again, then delete the overlay and the record.  Recovery runs at
+the start of every ``virt-dup run`` (under the domain's lock) and from the
+boot-time unit (``virt-dup recover``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import libvirt
+
+from virt_dup.backup.overlay import MERGE_TIMEOUT_SECONDS, is_virt_dup_overlay, merge_overlay
+from virt_dup.backup.state import StateStore
+from virt_dup.errors import VirtDupError
+from virt_dup.images.chain import read_chain
+from virt_dup.libvirt.connection import Hypervisor
+
+log = logging.getLogger(__name__)
+
+
+def recover_domain(
+    hypervisor: Hypervisor,
+    store: StateStore,
+    domain: libvirt.virDomain,
+    timeout_seconds: float = MERGE_TIMEOUT_SECONDS,
+) -> list[str]:
+    """Merge every virt-dup overlay of one domain; returns what was done (one line each).
+
+    The caller holds the domain's lock.  Raises :class:`VirtDupError` when an
+    overlay cannot be merged (the record then stays for the next attempt).
+    """
+    done: list[str] = []
+    record = store.load_run(domain.UUIDString())
+    if record is not None:
+        for planned in record.disks:
+            merge_overlay(
+                hypervisor,
+                domain,
+                planned.target,
+                planned.overlay,
+                planned.original_top,
+                timeout_seconds,
+            )
+            done.append(
+                f"domain {domain.name()}: disk {planned.target} back on {planned.original_top} "
+                f"(run of job {record.job_uuid} started {record.started} did not finish)"
+            )
+        store.clear_run(record.domain_uuid)
+    # Overlays without a record (the state directory was lost).
+    for inactive in (False, True):
+        for disk in hypervisor.disks(domain, inactive=inactive):
+            if disk.source is None or is_virt_dup_overlay(disk.source) is None:
+                continue
+            chain = read_chain(disk.source)
+            if len(chain) < 2:
+                raise VirtDupError(
+                    f"domain {domain.name()}: disk {disk.target} runs on {disk.source}, a "
+                    "virt-dup overlay without a backing file; merge it by hand"
+                )
+            original_top = chain[1].path
+            merge_overlay(
+                hypervisor, domain, disk.target, disk.source, original_top, timeout_seconds
+            )
+            done.append(
+                f"domain {domain.name()}: disk {disk.target} back on {original_top} "
+                f"(left-over overlay {disk.source})"
+            )
+    return done

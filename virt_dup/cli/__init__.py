@@ -1,0 +1,1 @@
+"""The ``virt-dup`` command: arguments, completion, and each verb's handler (:mod:`.main`)."""

@@ -1,0 +1,343 @@
+"""The command line: one ``add_<verb>`` per verb, and the parser they make up.
+
+Each ``add_<verb>`` declares one verb's arguments; :func:`build_parser`
+joins them with the handlers :mod:`virt_dup.cli.main` maps them to.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from virt_dup import __version__
+from virt_dup.cli.completion import complete_domains, complete_jobs
+from virt_dup.config.load import SCOPES
+from virt_dup.config.options import OPTIONS
+from virt_dup.errors import UsageError
+
+PROGRAM = "virt-dup"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+if TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[ArgumentParser]
+    #: A verb: the function that declares its arguments, and its handler.
+    Verb = tuple[Callable[[Subparsers], ArgumentParser], Callable[[Any], int]]
+
+
+def add_add_job(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup add-job``."""
+    add = subparsers.add_parser(
+        "add-job",
+        help="add a backup job to a domain",
+        description="Add a backup job to DOMAIN's XML (live and persistent definition) and "
+        "print its uuid. Options not given come from virt-dup.yml.",
+    )
+    add.add_argument("domain", metavar="DOMAIN", help="domain name or UUID").completer = (  # type: ignore[attr-defined]
+        complete_domains
+    )
+    add.add_argument(
+        "--path",
+        action="append",
+        metavar="FILE",
+        help="back up the disk whose source is FILE (repeatable)",
+    )
+    add.add_argument(
+        "--dev",
+        action="append",
+        metavar="DEV",
+        help="back up the disk with target DEV, e.g. vda (repeatable)",
+    )
+    add.add_argument("--uuid", metavar="UUID", help="use this job uuid instead of a new random one")
+    for option in OPTIONS:
+        add.add_argument(
+            option.command_line_flag,
+            dest=option.name,
+            metavar=option.metavar,
+            action="append" if option.repeatable else "store",
+            help=option.description + (" (repeatable)" if option.repeatable else ""),
+        )
+    return add
+
+
+def add_remove_job(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup remove-job``."""
+    remove = subparsers.add_parser(
+        "remove-job", help="remove one job", description="Remove the job JOB_UUID from its domain."
+    )
+    remove.add_argument("job", metavar="JOB_UUID").completer = complete_jobs  # type: ignore[attr-defined]
+    return remove
+
+
+def add_remove_all_jobs(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup remove-all-jobs``."""
+    remove_all = subparsers.add_parser(
+        "remove-all-jobs",
+        help="remove every job of a domain (or of every domain)",
+        description="Remove every virt-dup job of DOMAIN, or of every domain when none is given.",
+    )
+    remove_all.add_argument("domain", metavar="DOMAIN", nargs="?").completer = complete_domains  # type: ignore[attr-defined]
+    remove_all.add_argument("-y", "--yes", action="store_true", help="do not ask")
+    return remove_all
+
+
+def add_list_jobs(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup list-jobs``."""
+    listing = subparsers.add_parser(
+        "list-jobs",
+        aliases=["jobs"],
+        help="list jobs",
+        description="List jobs with their effective options.",
+    )
+    listing.add_argument("domain", metavar="DOMAIN", nargs="?").completer = complete_domains  # type: ignore[attr-defined]
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    return listing
+
+
+def add_check_config(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup check-config``."""
+    check = subparsers.add_parser(
+        "check-config",
+        help="validate virt-dup.yml",
+        description="Validate virt-dup.yml and print what it says.",
+    )
+    check.add_argument("--connect", action="store_true", help="also connect to libvirt")
+    return check
+
+
+def add_schedule(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup schedule``."""
+    schedule = subparsers.add_parser(
+        "schedule", help="cron schedules", description="Work with cron schedules."
+    )
+    schedule_verbs = schedule.add_subparsers(
+        dest="schedule_command", metavar="COMMAND", parser_class=ArgumentParser
+    )
+    schedule_verbs.required = True
+    explain = schedule_verbs.add_parser(
+        "explain",
+        help="show the systemd timer lines and next runs of a cron string",
+        description="Print the OnCalendar=/OnBootSec= lines for CRON (exactly as they go "
+        "into the timer), a description and the next run times.",
+    )
+    explain.add_argument("expression", metavar="CRON")
+    explain.add_argument(
+        "--count", type=int, default=5, metavar="N", help="how many next runs (default 5)"
+    )
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    return explain
+
+
+def add_install_units(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup install-units``."""
+    install = subparsers.add_parser(
+        "install-units",
+        help="install the systemd units and the generator",
+        description="Install virt-dup's systemd units (virt-dup@.service, virt-dup.target, "
+        "virt-dup-reload.path...) and virt-dup-generator, with the path of this virt-dup and "
+        "of virt-dup.yml filled in; then reload the manager and start virt-dup.target.",
+    )
+    install.add_argument(
+        "--scope",
+        choices=SCOPES,
+        help="which manager: system (PID 1) or user (systemd --user); default: scope in "
+        "virt-dup.yml",
+    )
+    install.add_argument(
+        "--unit-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the units go (default: /etc/systemd/system, or ~/.config/systemd/user)",
+    )
+    install.add_argument(
+        "--generator-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the generator goes (default: /etc/systemd/system-generators, or "
+        "/etc/systemd/user-generators)",
+    )
+    install.add_argument(
+        "--dry-run", action="store_true", help="print the files instead of writing them"
+    )
+    return install
+
+
+def add_sync_timers(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup sync-timers``."""
+    sync = subparsers.add_parser(
+        "sync-timers",
+        help="start new and stop removed job timers",
+        description="Reload the systemd manager (re-running virt-dup-generator), start the "
+        "timer of every job that has none running and stop the timers of removed jobs. "
+        "virt-dup-reload.service runs this when virt-dup.yml or a domain definition changes.",
+    )
+    return sync
+
+
+def add_run(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup run``."""
+    run = subparsers.add_parser(
+        "run",
+        help="run one backup job (what the timers start)",
+        description="Run the backup job JOB_UUID; virt-dup@JOB_UUID.service does this.",
+    )
+    run.add_argument("job", metavar="JOB_UUID", nargs="?").completer = complete_jobs  # type: ignore[attr-defined]
+    run.add_argument(
+        "--domain", metavar="DOMAIN", help="run every job of DOMAIN now, one after the other"
+    ).completer = complete_domains  # type: ignore[attr-defined]
+    run.add_argument("--full", action="store_true", help="a full backup, not an incremental")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (disks, chain files selected by depth, full or incremental, "
+        "backend) and change nothing",
+    )
+    return run
+
+
+def add_recover(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup recover``."""
+    recover = subparsers.add_parser(
+        "recover",
+        help="finish or roll back interrupted runs (what the boot unit does)",
+        description="Merge every virt-dup overlay an interrupted run left back into its "
+        "disk, so each domain runs on its original top image with every write kept.",
+    )
+    return recover
+
+
+def add_backups(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup backups``."""
+    backups = subparsers.add_parser(
+        "backups",
+        help="list the backups of a domain or job, or the jobs on a backend",
+        description="List every restorable point (backup id = its time) of the jobs of "
+        "DOMAIN, or of JOB_UUID: full or incremental, the chain it belongs to, its size on "
+        "the backend and the disks in it. A domain not defined here is looked for on the "
+        "backends of virt-dup.yml. With --backend URL, only that backend is read and neither "
+        "libvirt nor local state is needed (a fresh host).",
+    )
+    backups.add_argument(
+        "domain", metavar="DOMAIN|JOB_UUID", nargs="?", help="default: every job found"
+    ).completer = complete_domains  # type: ignore[attr-defined]
+    backups.add_argument(
+        "--backend", metavar="URL", help="read this backend (its job directories) only"
+    )
+    backups.add_argument("--json", action="store_true", help="machine-readable output")
+    return backups
+
+
+def add_restore(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup restore``."""
+    restore = subparsers.add_parser(
+        "restore",
+        help="restore the disks of a domain from a backup",
+        description="Restore the chain files of DOMAIN (or of the job JOB_UUID) from the "
+        "backup BACKUP_ID (default: the latest): each file checked against the checksum "
+        "recorded at backup time, its backing file rewritten to the new location, made "
+        "sparse, and checked with qemu-img check. Without --target-dir or --in-place the "
+        "files go back where they were, which must not exist any more. A restore never "
+        "replaces a file (except --in-place).",
+    )
+    restore.add_argument("domain", metavar="DOMAIN|JOB_UUID").completer = complete_domains  # type: ignore[attr-defined]
+    restore.add_argument("backup_id", metavar="BACKUP_ID", nargs="?", help="default: the latest")
+    where = restore.add_mutually_exclusive_group()
+    where.add_argument(
+        "--target-dir", metavar="DIR", help="restore into DIR/<disk>/<file> (new files only)"
+    )
+    where.add_argument(
+        "--in-place",
+        action="store_true",
+        help="replace the disks of the shut-off domain; its current files are set aside "
+        "until the restore has been checked, then deleted",
+    )
+    restore.add_argument(
+        "--keep-replaced",
+        action="store_true",
+        help="with --in-place: keep the replaced files (FILE.virt-dup-replaced-BACKUP_ID)",
+    )
+    restore.add_argument(
+        "--define",
+        action="store_true",
+        help="define the domain from the saved XML on the restored files (a copy with a "
+        "new name and UUID when the original is still defined)",
+    )
+    restore.add_argument("--name", metavar="NAME", help="with --define: the new domain's name")
+    restore.add_argument(
+        "--disk", action="append", metavar="DEV", help="restore only this disk (repeatable)"
+    )
+    restore.add_argument("--job", metavar="JOB_UUID", help="the job, when the domain has several")
+    restore.add_argument(
+        "--backend",
+        metavar="URL",
+        help="the backend to restore from; the domain is found in the manifests there",
+    )
+    restore.add_argument(
+        "--backing-file",
+        action="append",
+        metavar="[DEV=]FILE",
+        help="the base to put a chain on that was backed up without it (depth < 0); it must "
+        "have the virtual size recorded in the backup (repeatable)",
+    )
+    return restore
+
+
+def add_verify(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup verify``."""
+    verify = subparsers.add_parser(
+        "verify",
+        help="check that a backup restores and matches its checksums",
+        description="Restore every file of the backup BACKUP_ID (default: the latest) of the "
+        "job JOB_UUID into a scratch directory, compare the checksums recorded at backup time, "
+        "run qemu-img check, remove the scratch directory. Exits 1 when the backup does not "
+        "verify. virt-dup-verify@JOB_UUID.service does this.",
+    )
+    verify.add_argument("job", metavar="JOB_UUID|DOMAIN").completer = complete_jobs  # type: ignore[attr-defined]
+    verify.add_argument("backup_id", metavar="BACKUP_ID", nargs="?", help="default: the latest")
+    verify.add_argument("--backend", metavar="URL", help="the backend to read (default: the job's)")
+    verify.add_argument(
+        "--scratch-dir",
+        metavar="DIR",
+        help="where the scratch directory goes (default: $TMPDIR or /var/tmp)",
+    )
+    return verify
+
+
+def add_help(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup help``."""
+    helper = subparsers.add_parser("help", help="show help for a command")
+    helper.add_argument("verb", metavar="COMMAND", nargs="?")
+    return helper
+
+
+def build_parser(verbs: Mapping[str, Verb]) -> tuple[ArgumentParser, Subparsers]:
+    """The whole parser: global options, then every verb of ``verbs`` with its
+    handler as ``handler`` in the parsed arguments."""
+    parser = ArgumentParser(
+        prog=PROGRAM,
+        description="Back up the qcow2 disks of libvirt/KVM domains with duplicity; "
+        "jobs live in the domain XML, systemd timers run them.",
+        epilog="See virt-dup(8) and virt-dup.yml(5).",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="configuration file (default: $VIRT_DUP_CONFIG or /etc/virt-dup/virt-dup.yml)",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=ArgumentParser
+    )
+
+    for add, handler in verbs.values():
+        add(subparsers).set_defaults(handler=handler)
+    return parser, subparsers

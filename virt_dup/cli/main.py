@@ -1,0 +1,404 @@
+# PYTHON_ARGCOMPLETE_OK
+"""The ``virt-dup`` command: argparse + argcomplete, verbs dispatched through a dict.
+
+Expected failures (:class:`~virt_dup.errors.VirtDupError`) become one line on
+stderr and an exit code (0 ok, 1 operation failed, 2 usage or configuration
+error); ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+import argcomplete
+
+from virt_dup.actions import jobs as job_actions
+from virt_dup.actions import units as unit_actions
+from virt_dup.cli import arguments as cli_arguments
+from virt_dup.cli import output
+from virt_dup.cli.arguments import PROGRAM
+from virt_dup.config.load import Config, load_config
+from virt_dup.config.options import OPTIONS
+from virt_dup.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    NotFoundError,
+    UsageError,
+    VirtDupError,
+)
+from virt_dup.libvirt.connection import Hypervisor
+from virt_dup.systemd.manager import ServiceManager
+from virt_dup.systemd.units import InstallSettings
+
+log = logging.getLogger("virt_dup")
+
+
+# -- verbs ------------------------------------------------------------------------
+class Context:
+    """What a verb gets: the parsed arguments, the config, a lazily opened hypervisor."""
+
+    def __init__(self, arguments: argparse.Namespace, hypervisor: Hypervisor | None) -> None:
+        self.arguments = arguments
+        self._hypervisor = hypervisor
+        self._owns_hypervisor = False
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.arguments.config)
+            for notice in self._config.notices:
+                print(f"{PROGRAM}: notice: {notice}", file=sys.stderr)
+        return self._config
+
+    @property
+    def hypervisor(self) -> Hypervisor:
+        if self._hypervisor is None:
+            self._hypervisor = Hypervisor.open(self.config)
+            self._owns_hypervisor = True
+        return self._hypervisor
+
+    def close(self) -> None:
+        """Close the connection this context opened (not an injected one)."""
+        if self._owns_hypervisor and self._hypervisor is not None:
+            self._hypervisor.close()
+
+
+def sync_after_job_change(context: Context) -> None:
+    """Jobs changed: timers follow now (:func:`virt_dup.actions.units.sync_after_job_change`).
+
+    Everything goes to stderr: the stdout of add-job is the job uuid.
+    """
+    unit_actions.sync_after_job_change(
+        context.config, lambda line: print(f"{PROGRAM}: {line}", file=sys.stderr)
+    )
+
+
+def cmd_add_job(context: Context) -> int:
+    arguments = context.arguments
+    values: dict[str, object] = {}
+    for option in OPTIONS:
+        value = getattr(arguments, option.name)
+        if value is not None:
+            values[option.name] = value
+    request = job_actions.AddJobRequest(
+        domain=arguments.domain,
+        option_values=values,
+        devs=tuple(arguments.dev or ()),
+        paths=tuple(arguments.path or ()),
+        job_uuid=arguments.uuid,
+    )
+    job = job_actions.add_job(context.config, context.hypervisor, request)
+    print(job.uuid)
+    effective = job.options.over(context.config.defaults)
+    if not (effective.schedule or effective.full_schedule):
+        print(
+            f"{PROGRAM}: notice: job {job.uuid} has no schedule and virt-dup.yml no "
+            "defaults.schedule: it gets no timer (run it with 'virt-dup run')",
+            file=sys.stderr,
+        )
+    sync_after_job_change(context)
+    return EXIT_OK
+
+
+def cmd_remove_job(context: Context) -> int:
+    job = job_actions.remove_job(context.hypervisor, context.arguments.job)
+    print(f"removed job {job.uuid} from domain {job.domain_name}")
+    sync_after_job_change(context)
+    return EXIT_OK
+
+
+def cmd_remove_all_jobs(context: Context) -> int:
+    arguments = context.arguments
+    removed = job_actions.remove_all_jobs(
+        context.hypervisor, arguments.domain, output.confirmation(arguments.yes)
+    )
+    for job in removed:
+        print(f"removed job {job.uuid} from domain {job.domain_name}")
+    if not removed:
+        print("no jobs to remove")
+    else:
+        sync_after_job_change(context)
+    return EXIT_OK
+
+
+def cmd_list_jobs(context: Context) -> int:
+    records, warnings = job_actions.list_jobs(
+        context.config, context.hypervisor, context.arguments.domain
+    )
+    for warning in warnings:
+        print(f"{PROGRAM}: warning: {warning}", file=sys.stderr)
+    output.print_jobs(records, context.arguments.json)
+    return EXIT_OK
+
+
+def cmd_check_config(context: Context) -> int:
+    config = context.config
+    exists = config.path.exists()
+    print(f"{config.path}: {'ok' if exists else 'not present, using built-in defaults'}")
+    print(f"scope: {config.scope}, libvirt: {config.libvirt_uri}")
+    print(f"backends: {', '.join(f'{n}={u}' for n, u in config.backends.items()) or '(none)'}")
+    print(f"encryption keys: {', '.join(config.encryption.keys) or '(none)'}")
+    if context.arguments.connect:
+        version = context.hypervisor.connection.getLibVersion()
+        print(f"libvirt reachable (library {version // 1000000}.{version // 1000 % 1000})")
+    return EXIT_OK
+
+
+def cmd_schedule_explain(context: Context) -> int:
+    from virt_dup.config.cron import describe, next_runs
+    from virt_dup.systemd.schedule import cron_to_timer
+
+    expression = context.arguments.expression
+    timer = cron_to_timer(expression)
+    start = datetime.now(UTC).astimezone()
+    runs = next_runs(expression, start, context.arguments.count)
+    if context.arguments.json:
+        json.dump(
+            {
+                "expression": expression,
+                "description": describe(expression),
+                "on_calendar": list(timer.on_calendar),
+                "on_boot_sec": timer.on_boot_sec,
+                "next": [run.isoformat() for run in runs],
+            },
+            sys.stdout,
+            indent=2,
+        )
+        print()
+        return EXIT_OK
+    for spec in timer.on_calendar:
+        print(f"OnCalendar={spec}")
+    if timer.on_boot_sec is not None:
+        print(f"OnBootSec={timer.on_boot_sec}")
+    print(f"# {describe(expression)}")
+    for run in runs:
+        print(f"# next: {run.strftime('%a %Y-%m-%d %H:%M %Z')}")
+    return EXIT_OK
+
+
+def cmd_install_units(context: Context) -> int:
+    arguments = context.arguments
+    settings = InstallSettings.from_config(
+        context.config,
+        scope=arguments.scope,
+        unit_directory=arguments.unit_dir,
+        generator_directory=arguments.generator_dir,
+    )
+    unit_actions.install_units(
+        context.config,
+        settings,
+        dry_run=arguments.dry_run,
+        say=print,
+        notice=lambda line: print(f"{PROGRAM}: notice: {line}", file=sys.stderr),
+    )
+    return EXIT_OK
+
+
+def cmd_sync_timers(context: Context) -> int:
+    # virt-dup-reload.service runs this: wait for the watched files to settle,
+    # since the path unit drops changes made while this service runs.
+    with ServiceManager.connect(context.config.scope) as manager:
+        report = unit_actions.sync_until_settled(
+            manager,
+            lambda: unit_actions.watched_files_state(context.config),
+            settle_seconds=1.0,
+        )
+    for line in report.lines():
+        print(line)
+    print(
+        f"timers: {len(report.started)} started, {len(report.removed)} stopped, "
+        f"{len(report.paused)} paused, {report.unchanged} unchanged"
+    )
+    return EXIT_FAILED if report.not_active else EXIT_OK
+
+
+def cmd_run(context: Context) -> int:
+    from virt_dup.actions.run import run_job
+
+    arguments = context.arguments
+    if (arguments.job is None) == (arguments.domain is None):
+        raise UsageError("give either JOB_UUID or --domain DOMAIN")
+    hypervisor = context.hypervisor
+    if arguments.domain is not None:
+        domain = hypervisor.domain(arguments.domain)
+        job_ids = [job.uuid for job in hypervisor.jobs(domain)]
+        if not job_ids:
+            raise NotFoundError(f"domain {domain.name()} has no virt-dup jobs")
+    else:
+        job_ids = [arguments.job]
+    progress = output.print_progress if sys.stderr.isatty() else None
+    for job_id in job_ids:
+        result = run_job(
+            context.config,
+            hypervisor,
+            job_id,
+            force_full=arguments.full,
+            dry_run=arguments.dry_run,
+            progress=progress,
+        )
+        if result.result != "dry-run":
+            print(result.summary())
+    return EXIT_OK
+
+
+def cmd_recover(context: Context) -> int:
+    from virt_dup.actions.recover import recover_all
+    from virt_dup.backup.state import StateStore
+
+    done, errors = recover_all(context.hypervisor, StateStore(context.config.state_directory))
+    for line in done:
+        print(f"recovered: {line}")
+    for line in errors:
+        print(f"{PROGRAM}: error: {line}", file=sys.stderr)
+    if not done and not errors:
+        print("nothing to recover")
+    return EXIT_FAILED if errors else EXIT_OK
+
+
+def cmd_backups(context: Context) -> int:
+    from virt_dup.actions.backups import list_jobs_backups
+
+    arguments = context.arguments
+    listings = list_jobs_backups(
+        context.config,
+        lambda: context.hypervisor,
+        arguments.domain,
+        arguments.backend,
+        report=output.progress_reporter(),
+    )
+    output.print_backups(listings, arguments.json)
+    return EXIT_OK
+
+
+def cmd_restore(context: Context) -> int:
+    from virt_dup.actions.restore import RestoreRequest, format_notices, restore
+
+    arguments = context.arguments
+    request = RestoreRequest(
+        domain=arguments.domain,
+        backup_id=arguments.backup_id,
+        job=arguments.job,
+        backend=arguments.backend,
+        target_dir=arguments.target_dir,
+        in_place=arguments.in_place,
+        keep_replaced=arguments.keep_replaced,
+        define=arguments.define,
+        name=arguments.name,
+        disks=tuple(arguments.disk or ()),
+        backing_files=tuple(arguments.backing_file or ()),
+    )
+    report = output.progress_reporter()
+    result = restore(context.config, lambda: context.hypervisor, request, report)
+    for line in format_notices(result):
+        print(f"{PROGRAM}: notice: {line}", file=sys.stderr)
+    print(result.summary())
+    if result.defined:
+        sync_after_job_change(context)
+    return EXIT_OK
+
+
+def cmd_verify(context: Context) -> int:
+    from virt_dup.actions.verify import verify
+
+    arguments = context.arguments
+    result = verify(
+        context.config,
+        lambda: context.hypervisor,
+        arguments.job,
+        arguments.backup_id,
+        backend_url=arguments.backend,
+        scratch=arguments.scratch_dir,
+        report=output.progress_reporter(),
+    )
+    for warning in result.warnings:
+        print(f"{PROGRAM}: warning: {warning}", file=sys.stderr)
+    print(result.summary())
+    return EXIT_OK
+
+
+def cmd_help(context: Context) -> int:
+    parser = context.arguments.parser
+    verb = context.arguments.verb
+    if verb:
+        subparser = context.arguments.subparsers.choices.get(verb)
+        if subparser is None:
+            raise UsageError(f"no command {verb!r} (see '{PROGRAM} help')")
+        subparser.print_help()
+    else:
+        parser.print_help()
+    return EXIT_OK
+
+
+#: Every verb: how its arguments are declared, and what runs it.
+VERBS: dict[str, cli_arguments.Verb] = {
+    "add-job": (cli_arguments.add_add_job, cmd_add_job),
+    "remove-job": (cli_arguments.add_remove_job, cmd_remove_job),
+    "remove-all-jobs": (cli_arguments.add_remove_all_jobs, cmd_remove_all_jobs),
+    "list-jobs": (cli_arguments.add_list_jobs, cmd_list_jobs),
+    "check-config": (cli_arguments.add_check_config, cmd_check_config),
+    "schedule": (cli_arguments.add_schedule, cmd_schedule_explain),
+    "install-units": (cli_arguments.add_install_units, cmd_install_units),
+    "sync-timers": (cli_arguments.add_sync_timers, cmd_sync_timers),
+    "run": (cli_arguments.add_run, cmd_run),
+    "recover": (cli_arguments.add_recover, cmd_recover),
+    "backups": (cli_arguments.add_backups, cmd_backups),
+    "restore": (cli_arguments.add_restore, cmd_restore),
+    "verify": (cli_arguments.add_verify, cmd_verify),
+    "help": (cli_arguments.add_help, cmd_help),
+}
+
+
+def main(argv: Sequence[str] | None = None, hypervisor: Hypervisor | None = None) -> int:
+    """Run virt-dup; returns the exit code.  ``hypervisor`` may be injected."""
+    parser, subparsers = cli_arguments.build_parser(VERBS)
+    argcomplete.autocomplete(parser)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO, format=f"{PROGRAM}: %(message)s"
+    )
+    try:
+        arguments = parser.parse_args(argv)
+        if arguments.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        arguments.parser = parser
+        arguments.subparsers = subparsers
+        context = Context(arguments, hypervisor)
+        handler: Callable[[Context], int] = arguments.handler
+        try:
+            return handler(context)
+        finally:
+            context.close()
+    except VirtDupError as error:
+        if debug:
+            traceback.print_exc()
+        print(f"{PROGRAM}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROGRAM}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (| head): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except Exception as error:  # a bug: say so, with the traceback when asked
+        if debug:
+            traceback.print_exc()
+        print(
+            f"{PROGRAM}: internal error: {type(error).__name__}: {error} (run with --debug)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""What the verbs print: tables, sizes, progress lines and questions.
+
+Only :mod:`virt_dup.cli.main` writes to the terminal; it does it through
+these functions.  The actions return data and never print.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from virt_dup.actions.backups import JobListing
+from virt_dup.backup.manifest import ManifestDisk
+from virt_dup.cli.arguments import PROGRAM
+from virt_dup.errors import UsageError
+
+log = logging.getLogger("virt_dup")
+
+
+def format_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows as lines of left-aligned columns two spaces apart (the last column
+    is not padded)."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return lines
+
+
+def format_size(size: int | None) -> str:
+    """``12.3 MiB``; ``-`` when unknown."""
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _last_run(last_run: dict[str, Any] | None) -> str:
+    if not last_run:
+        return "never"
+    when = str(last_run.get("finished", ""))[:16].replace("T", " ")
+    return f"{last_run.get('result', '?')} {when}".strip()
+
+
+def print_jobs(records: list[dict[str, Any]], as_json: bool, out: TextIO = sys.stdout) -> None:
+    if as_json:
+        json.dump(records, out, indent=2)
+        out.write("\n")
+        return
+    if not records:
+        out.write("no jobs\n")
+        return
+    header = ("DOMAIN", "JOB", "DISKS", "SCHEDULE", "DEPTH", "BACKEND", "LAST RUN")
+    rows = [header]
+    for record in records:
+        options = record["options"]
+        disks = record["disks"]["devs"] + record["disks"]["paths"]
+        schedule = options.get("schedule") or "(none: no timer)"
+        if options.get("full_schedule"):
+            schedule += f" full: {options['full_schedule']}"
+        rows.append(
+            (
+                record["domain"],
+                record["job"],
+                ",".join(disks) or "all",
+                schedule,
+                str(options.get("depth", 0)),
+                ",".join(options.get("backends") or []) or "(none)",
+                _last_run(record.get("last_run")),
+            )
+        )
+    for line in format_table(rows):
+        out.write(f"{line}\n")
+
+
+def _disk_summary(disk: ManifestDisk) -> str:
+    count = len(disk.selected)
+    return f"{disk.target} ({count} file{'' if count == 1 else 's'})"
+
+
+def print_backups(listings: Sequence[JobListing], as_json: bool, out: TextIO = sys.stdout) -> None:
+    if as_json:
+        json.dump([listing.as_json() for listing in listings], out, indent=2)
+        out.write("\n")
+        return
+    for number, listing in enumerate(listings):
+        if number:
+            out.write("\n")
+        manifest = listing.metadata.manifest if listing.metadata else None
+        domain = f"domain {manifest.domain_name}" if manifest else "domain unknown"
+        out.write(f"job {listing.source.job_uuid} of {domain} on {listing.source.display_url}\n")
+        backups = listing.backups or []
+        if not backups:
+            out.write("  no backups\n")
+            continue
+        rows = [("BACKUP ID", "TYPE", "CHAIN", "VOLUMES", "SIZE", "DISKS")]
+        for entry in backups:
+            disks = (
+                "?"
+                if entry.disks is None
+                else ", ".join(_disk_summary(disk) for disk in entry.disks)
+            )
+            rows.append(
+                (
+                    entry.id,
+                    entry.kind,
+                    entry.chain,
+                    str(entry.volumes),
+                    format_size(entry.size),
+                    disks,
+                )
+            )
+        for line in format_table(rows):
+            out.write(f"  {line}\n")
+
+
+def print_progress(progress: object) -> None:
+    """A backup's progress, rewritten in place on stderr."""
+    print(f"\r{PROGRAM}: {progress}", end="", file=sys.stderr, flush=True)
+
+
+def progress_reporter() -> Callable[[str], None]:
+    """Progress lines on a terminal (stderr); debug log lines otherwise."""
+    if sys.stderr.isatty():
+        return lambda line: print(f"{PROGRAM}: {line}", file=sys.stderr, flush=True)
+    return lambda line: log.debug("%s", line)
+
+
+def confirmation(assume_yes: bool) -> Callable[[str], bool]:
+    """Ask a yes/no question on the terminal (``--yes``: always yes); without a
+    terminal to ask, refuse with a :class:`UsageError`."""
+
+    def confirm(question: str) -> bool:
+        if assume_yes:
+            return True
+        if not sys.stdin.isatty():
+            raise UsageError(f"{question} refusing without --yes (no terminal to ask)")
+        answer = input(f"{question} [y/N] ")
+        return answer.strip().lower() in ("y", "yes")
+
+    return confirm

@@ -1,0 +1,425 @@
+"""virt-dup.yml: loaded once, validated into a frozen :class:`Config`.
+
+Every error names the file, the key path inside it and what was expected;
+an unknown key is an error (a typo must not silently become a default).
+Spellings of the original virt-dup (dash-case, flat) still load with the same
+meaning and a one-line deprecation notice each.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from virt_dup.config.options import BACKEND_NAME, BUILTIN_DEFAULTS, JobOptions, parse_options
+from virt_dup.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/virt-dup/virt-dup.yml")
+#: Environment variable that overrides :data:`DEFAULT_PATH` (``--config`` wins over it).
+PATH_ENVIRONMENT = "VIRT_DUP_CONFIG"
+
+SCOPES = ("system", "user")
+
+
+@dataclass(frozen=True)
+class LibvirtSettings:
+    uri: str | None = None  # None: qemu:///system or qemu:///session, by scope
+    username: str | None = None
+    #: Root-only file holding the libvirt password (never the YAML).
+    password_file: Path | None = None
+    #: Legacy ``libvirt-password``: kept only in memory, never logged.
+    password: str | None = field(default=None, repr=False)
+    flags: int = 0
+    #: Where libvirt keeps persistent domain XML (read by the generator).
+    config_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class EncryptionSettings:
+    keys: tuple[str, ...] = ()
+    #: Keys used to sign backups (duplicity --sign-key); optional.
+    sign_key: str | None = None
+    gnupg_home: Path | None = None
+    #: Root-only file with the passphrase of the secret key (for restores/signing).
+    passphrase_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole of virt-dup.yml, validated."""
+
+    path: Path
+    scope: str = "system"
+    libvirt: LibvirtSettings = LibvirtSettings()
+    backends: Mapping[str, str] = field(default_factory=dict)
+    encryption: EncryptionSettings = EncryptionSettings()
+    defaults: JobOptions = BUILTIN_DEFAULTS
+    state_dir: Path | None = None
+    cache_dir: Path | None = None
+    #: Spread timer starts (systemd ``RandomizedDelaySec=``), e.g. "10min".
+    randomized_delay: str | None = None
+    #: Deprecation notices found while loading (printed once by the CLI).
+    notices: tuple[str, ...] = ()
+
+    @property
+    def libvirt_uri(self) -> str:
+        if self.libvirt.uri:
+            return self.libvirt.uri
+        return "qemu:///session" if self.scope == "user" else "qemu:///system"
+
+    @property
+    def libvirt_config_dir(self) -> Path:
+        """Where libvirt keeps the persistent XML of the URI's domains (the generator reads it).
+
+        Follows the libvirt URI, not the manager's scope: a user manager may
+        well run the jobs of qemu:///system domains.
+        """
+        if self.libvirt.config_dir:
+            return self.libvirt.config_dir
+        if urllib.parse.urlsplit(self.libvirt_uri).path.rstrip("/") == "/session":
+            config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+            return Path(config_home) / "libvirt" / "qemu"
+        return Path("/etc/libvirt/qemu")
+
+    @property
+    def state_directory(self) -> Path:
+        if self.state_dir:
+            return self.state_dir
+        if self.scope == "user":
+            state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local/state")
+            return Path(state_home) / "virt-dup"
+        return Path(os.environ.get("STATE_DIRECTORY", "/var/lib/virt-dup"))
+
+    @property
+    def cache_directory(self) -> Path:
+        if self.cache_dir:
+            return self.cache_dir
+        if self.scope == "user":
+            cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+            return Path(cache_home) / "virt-dup"
+        return Path(os.environ.get("CACHE_DIRECTORY", "/var/cache/virt-dup"))
+
+    def backend_url(self, name_or_url: str) -> str:
+        """The duplicity URL of a backend name, or the URL itself.
+
+        Raises :class:`ConfigError` for a name virt-dup.yml does not define.
+        """
+        if "://" in name_or_url:
+            return name_or_url
+        try:
+            return self.backends[name_or_url]
+        except KeyError:
+            known = ", ".join(sorted(self.backends)) or "none are defined"
+            raise ConfigError(
+                f"{self.path}: backends: no backend named {name_or_url!r} ({known})"
+            ) from None
+
+
+def read_passphrase(config: Config) -> str | None:
+    """The GPG passphrase from its root-only file, or None when none is configured."""
+    path = config.encryption.passphrase_file
+    if path is None:
+        return None
+    try:
+        status = path.stat()
+        if status.st_mode & 0o077:
+            raise ConfigError(
+                f"{path}: the passphrase file is readable by others (mode "
+                f"{status.st_mode & 0o777:o}); chmod 600 it"
+            )
+        return path.read_text().rstrip("\n")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the passphrase file: {error.strerror}") from None
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> tuple[Path, bool]:
+    """Which file to read and whether the user named it (then it must exist)."""
+    if explicit:
+        return Path(explicit), True
+    if os.environ.get(PATH_ENVIRONMENT):
+        return Path(os.environ[PATH_ENVIRONMENT]), True
+    return DEFAULT_PATH, False
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate virt-dup.yml.
+
+    A missing file at the default path means "all defaults"; a file the user
+    named (``--config`` or ``$VIRT_DUP_CONFIG``) must exist.
+    Raises :class:`ConfigError` naming the file and the key path.
+    """
+    path, named = config_path(explicit)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if named:
+            raise ConfigError(f"{path}: no such configuration file") from None
+        return Config(path=path)
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read: {error}") from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Validate the YAML text of a virt-dup.yml (see :func:`load_config`)."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if document is None:
+        return Config(path=path)
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    return _Loader(path).load(document)
+
+
+# New keys are snake_case.  Old flat dash-case keys map onto them.
+_LEGACY_TOP_LEVEL = {
+    "libvirt-uri": ("libvirt", "uri"),
+    "libvirt-username": ("libvirt", "username"),
+    "libvirt-password": ("libvirt", "password"),
+    "libvirt-flags": ("libvirt", "flags"),
+    "duplicity-backends": ("backends", None),
+    "default-schedule": ("defaults", "schedule"),
+    "default_schedule": ("defaults", "schedule"),
+    "depth": ("defaults", "depth"),
+}
+_IGNORED_LEGACY = ("staging-area", "staging-path", "staging_area", "staging_path")
+_TOP_LEVEL = (
+    "scope",
+    "libvirt",
+    "backends",
+    "encryption",
+    "defaults",
+    "state_dir",
+    "cache_dir",
+    "randomized_delay",
+)
+_LIBVIRT_KEYS = ("uri", "username", "password_file", "flags", "config_dir")
+_ENCRYPTION_KEYS = ("keys", "sign_key", "gnupg_home", "passphrase_file")
+
+
+class _Loader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.notices: list[str] = []
+
+    def error(self, where: str, expected: str, value: object = None) -> ConfigError:
+        got = "" if value is None else f", got {value!r}"
+        return ConfigError(f"{self.path}: {where}: expected {expected}{got}")
+
+    def unknown(self, where: str, key: object, known: tuple[str, ...]) -> ConfigError:
+        near = difflib.get_close_matches(str(key), known, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        return ConfigError(
+            f"{self.path}: {where}{key}: unknown key{hint}; expected one of {', '.join(known)}"
+        )
+
+    def mapping(self, value: object, where: str) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise self.error(where, "a mapping", value)
+        return value
+
+    def text(self, value: object, where: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(where, "a non-empty string", value)
+        if any(ord(character) < 32 for character in value):
+            raise self.error(where, "one line of text", value)
+        return value.strip()
+
+    def absolute_path(self, value: object, where: str) -> Path:
+        path = Path(self.text(value, where))
+        if not path.is_absolute():
+            raise self.error(where, "an absolute path", str(path))
+        return path
+
+    def load(self, document: dict[str, Any]) -> Config:
+        sections, legacy = self.top_level(document)
+        scope = sections.get("scope", "system")
+        if scope not in SCOPES:
+            raise self.error("scope", "system or user", scope)
+
+        libvirt = self.libvirt(sections.get("libvirt"), legacy)
+        backends = self.backends(sections.get("backends"), legacy.get(("backends", None)))
+        encryption = self.encryption(sections.get("encryption"))
+        defaults = self.defaults(sections.get("defaults"), legacy)
+        for name in defaults.backends or ():
+            if "://" not in name and name not in backends:
+                raise self.error("defaults.backends", "a backend defined under backends:", name)
+
+        randomized_delay = sections.get("randomized_delay")
+        if randomized_delay is not None:
+            randomized_delay = self.timespan(randomized_delay, "randomized_delay")
+        return Config(
+            path=self.path,
+            scope=scope,
+            libvirt=libvirt,
+            backends=backends,
+            encryption=encryption,
+            defaults=defaults,
+            state_dir=self.optional_path(sections, "state_dir"),
+            cache_dir=self.optional_path(sections, "cache_dir"),
+            randomized_delay=randomized_delay,
+            notices=tuple(self.notices),
+        )
+
+    def top_level(
+        self, document: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[tuple[str, str | None], Any]]:
+        """The sections of the file, and the original virt-dup's top-level keys
+        (``(section, key)`` they now belong to -> value), with a notice for each
+        deprecated spelling."""
+        sections: dict[str, Any] = {}
+        legacy: dict[tuple[str, str | None], Any] = {}
+        for key, value in document.items():
+            if not isinstance(key, str):
+                raise self.unknown("", key, _TOP_LEVEL)
+            if key in _IGNORED_LEGACY:
+                self.notices.append(
+                    f"{self.path}: {key} is no longer needed (backups stream from the "
+                    "disk images); it is ignored"
+                )
+            elif key == "libvirt-socket":
+                # The original's "use the local unix socket": the local URI of the scope.
+                self.notices.append(
+                    f"{self.path}: libvirt-socket is deprecated; leave libvirt.uri unset for "
+                    "the local socket"
+                )
+                if not isinstance(value, bool):
+                    raise self.error("libvirt-socket", "true or false", value)
+            elif key in _LEGACY_TOP_LEVEL:
+                self.legacy_key(key, value, legacy)
+            elif key in _TOP_LEVEL:
+                sections[key] = value
+            else:
+                raise self.unknown("", key, _TOP_LEVEL)
+        return sections, legacy
+
+    def legacy_key(
+        self, key: str, value: object, legacy: dict[tuple[str, str | None], Any]
+    ) -> None:
+        target = _LEGACY_TOP_LEVEL[key]
+        if target in legacy:
+            raise self.error(key, f"one spelling of {target[0]}.{target[1]}, not two")
+        if key != "libvirt-password":  # has its own notice, in libvirt()
+            self.notices.append(
+                f"{self.path}: {key} is deprecated; write it as "
+                + (f"{target[0]}: {{{target[1]}: ...}}" if target[1] else f"{target[0]}:")
+            )
+        legacy[target] = value
+
+    def optional_path(self, section: dict[str, Any], key: str, where: str = "") -> Path | None:
+        if section.get(key) is None:
+            return None
+        return self.absolute_path(section[key], where + key)
+
+    def timespan(self, value: object, where: str) -> str:
+        import re
+
+        text = str(value).strip() if isinstance(value, str | int) else ""
+        unit = r"(?:us|ms|s|sec|seconds?|min|minutes?|m|h|hr|hours?|d|days?|w|weeks?)"
+        if not re.fullmatch(rf"(?:[0-9]+\s*{unit}?\s*)+", text) or text[-1] == " ":
+            raise self.error(where, "a systemd time span such as 30s, 10min or 1h", value)
+        return text
+
+    def libvirt(self, value: object, legacy: dict[tuple[str, str | None], Any]) -> LibvirtSettings:
+        section = self.mapping(value, "libvirt")
+        for key in section:
+            if key not in _LIBVIRT_KEYS:
+                raise self.unknown("libvirt.", key, _LIBVIRT_KEYS)
+        uri = section.get("uri", legacy.get(("libvirt", "uri")))
+        flags = section.get("flags", legacy.get(("libvirt", "flags"), 0))
+        if isinstance(flags, bool) or not isinstance(flags, int) or flags < 0:
+            raise self.error("libvirt.flags", "a non-negative integer", flags)
+        username = section.get("username", legacy.get(("libvirt", "username")))
+        password = legacy.get(("libvirt", "password"))
+        if password is not None:
+            # Say nothing of the value: it is a secret.
+            self.notices.append(
+                f"{self.path}: libvirt-password puts a secret in the configuration; "
+                "move it to a root-only file named by libvirt.password_file"
+            )
+        return LibvirtSettings(
+            uri=self.text(uri, "libvirt.uri") if uri is not None else None,
+            username=self.text(username, "libvirt.username") if username is not None else None,
+            password_file=self.optional_path(section, "password_file", "libvirt."),
+            password=str(password) if password is not None else None,
+            flags=flags,
+            config_dir=self.optional_path(section, "config_dir", "libvirt."),
+        )
+
+    def backends(self, value: object, legacy: object) -> dict[str, str]:
+        if value is None and legacy is None:
+            return {}
+        if value is not None and legacy is not None:
+            raise self.error("backends", "either backends or duplicity-backends, not both")
+        where = "backends" if value is not None else "duplicity-backends"
+        source = value if value is not None else legacy
+        if isinstance(source, list):
+            # The original listed bare URLs; each URL is also its own name.
+            source = {self.text(url, where): url for url in source}
+        section = self.mapping(source, where)
+        backends: dict[str, str] = {}
+        for name, url in section.items():
+            if "://" not in name and not BACKEND_NAME.match(name):
+                raise self.error(
+                    f"{where}.{name}", "a name of ASCII letters, digits, '.', '-' and '_'"
+                )
+            url_text = self.text(url, f"{where}.{name}")
+            if "://" not in url_text:
+                raise self.error(f"{where}.{name}", "a duplicity URL such as file:///srv/b", url)
+            backends[name] = url_text
+        return backends
+
+    def encryption(self, value: object) -> EncryptionSettings:
+        section = self.mapping(value, "encryption")
+        for key in section:
+            if key not in _ENCRYPTION_KEYS:
+                raise self.unknown("encryption.", key, _ENCRYPTION_KEYS)
+        from virt_dup.config.options import parse_key_ids
+
+        keys: tuple[str, ...] = ()
+        if section.get("keys") is not None:
+            try:
+                keys = parse_key_ids(section["keys"], "encryption.keys")
+            except ConfigError as error:
+                raise ConfigError(f"{self.path}: {error}") from None
+        sign_key = None
+        if section.get("sign_key") is not None:
+            try:
+                sign_keys = parse_key_ids(section["sign_key"], "encryption.sign_key")
+            except ConfigError as error:
+                raise ConfigError(f"{self.path}: {error}") from None
+            if len(sign_keys) != 1:
+                raise self.error("encryption.sign_key", "one key id", section["sign_key"])
+            sign_key = sign_keys[0]
+        return EncryptionSettings(
+            keys=keys,
+            sign_key=sign_key,
+            gnupg_home=self.optional_path(section, "gnupg_home", "encryption."),
+            passphrase_file=self.optional_path(section, "passphrase_file", "encryption."),
+        )
+
+    def defaults(self, value: object, legacy: dict[tuple[str, str | None], Any]) -> JobOptions:
+        section = dict(self.mapping(value, "defaults"))
+        for (name, key), legacy_value in legacy.items():
+            if name == "defaults" and key is not None:
+                section.setdefault(key, legacy_value)
+        try:
+            parsed = parse_options(section, "defaults")
+        except ConfigError as error:
+            raise ConfigError(f"{self.path}: {error}") from None
+        self.notices.extend(f"{self.path}: {notice}" for notice in parsed.notices)
+        return parsed.options.over(BUILTIN_DEFAULTS)

@@ -1,0 +1,382 @@
+"""The job options: one table that serves the domain XML, virt-dup.yml and the CLI.
+
+A job option can be set on a ``<virt-dup:job>`` element (an XML attribute),
+as a default in virt-dup.yml (``defaults:``) and with ``virt-dup add-job
+--OPTION``.  Each :class:`Option` says how to read its value from any of
+those (strings from XML and argv, native types from YAML), how to write it
+back to XML, and documents itself (the man page and ``--help`` use the same
+text).
+
+Disks are not in this table: they are a selector with its own XML shape
+(``path``/``dev_name`` attributes, ``<virt-dup:dev>``/``<virt-dup:path>``
+children) and live in :mod:`virt_dup.libvirt.metadata`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from virt_dup.config.cron import parse_cron
+from virt_dup.errors import ConfigError
+
+#: duplicity's interval units (``dup_time.intstringtoseconds``): M is 30 days, Y 365.
+_INTERVAL_UNITS = {"s": 1, "m": 60, "h": 3600, "D": 86400, "W": 7 * 86400}
+_INTERVAL_UNITS |= {"M": 30 * 86400, "Y": 365 * 86400}
+#: GPG key ids and fingerprints (8, 16 or 40 hex digits, optional 0x).
+_KEY_ID = re.compile(r"^(?:0x)?(?:[0-9A-Fa-f]{8}|[0-9A-Fa-f]{16}|[0-9A-Fa-f]{40})$")
+#: A backend is a name from virt-dup.yml or a duplicity URL.
+BACKEND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_BACKEND_URL = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
+
+QUIESCE_POLICIES = ("auto", "required", "off")
+ENCRYPTION_MODES = ("gpg", "none")
+
+
+def _fail(where: str, expected: str, value: object) -> ConfigError:
+    return ConfigError(f"{where}: expected {expected}, got {value!r}")
+
+
+def parse_integer(value: object, where: str) -> int:
+    """An integer, from YAML (int) or text ("-1")."""
+    if isinstance(value, bool):
+        raise _fail(where, "an integer", value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):
+        return int(value)
+    raise _fail(where, "an integer", value)
+
+
+def parse_count(value: object, where: str) -> int:
+    """A whole number >= 1 (retention counts)."""
+    number = parse_integer(value, where)
+    if number < 1:
+        raise _fail(where, "a whole number of at least 1", value)
+    return number
+
+
+def parse_boolean(value: object, where: str) -> bool:
+    """true/false, yes/no, 1/0 (XML attributes are text)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise _fail(where, "true or false", value)
+
+
+def parse_text(value: object, where: str) -> str:
+    """Any one-line text (no control characters: it may reach a unit file)."""
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise _fail(where, "text", value)
+    text = str(value)
+    if any(ord(character) < 32 or ord(character) == 127 for character in text):
+        raise _fail(where, "one line of text without control characters", value)
+    return text
+
+
+def parse_schedule(value: object, where: str) -> str:
+    """A cron string cron accepts and that fires at least once."""
+    if isinstance(value, str):
+        value = value.replace("\t", " ")  # cron separates fields with tabs too
+    text = parse_text(value, where).strip()
+    try:
+        text = parse_cron(text).expression
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    return text
+
+
+def interval_length(text: str) -> timedelta:
+    """How long a duplicity interval (``30D``, ``1W``, ``1Y2M``: one or more
+    NUMBER+UNIT pairs, units s m h D W M Y) is, as duplicity counts it.
+
+    The one interval grammar: options are checked with it and retention and
+    ``full_every`` are measured with it.  Raises ValueError.
+    """
+    pairs = re.findall(r"(\d+)([smhDWMY])", text)
+    if not pairs or "".join(number + unit for number, unit in pairs) != text:
+        raise ValueError(f"{text!r} is not an interval such as 30D, 2W, 6M or 1Y")
+    return timedelta(seconds=sum(int(number) * _INTERVAL_UNITS[unit] for number, unit in pairs))
+
+
+def parse_interval(value: object, where: str) -> str:
+    """A duplicity interval such as ``30D``, ``1W``, ``6M`` or ``1Y2M``."""
+    text = parse_text(value, where).strip()
+    try:
+        interval_length(text)
+    except ValueError:
+        raise _fail(
+            where, "an interval such as 30D, 2W, 6M or 1Y (units s m h D W M Y)", value
+        ) from None
+    return text
+
+
+def parse_choice(choices: tuple[str, ...]) -> Callable[[object, str], str]:
+    def parse(value: object, where: str) -> str:
+        text = parse_text(value, where).strip().lower()
+        if text not in choices:
+            raise _fail(where, "one of " + ", ".join(choices), value)
+        return text
+
+    return parse
+
+
+def _split_list(value: object, where: str) -> list[str]:
+    if isinstance(value, list | tuple):
+        items = [parse_text(item, where).strip() for item in value]
+    else:
+        items = [item.strip() for item in parse_text(value, where).split(",")]
+    if not items or any(not item for item in items):
+        raise _fail(where, "a non-empty comma-separated list", value)
+    return items
+
+
+def parse_backends(value: object, where: str) -> tuple[str, ...]:
+    """Backend names from virt-dup.yml or duplicity URLs, comma-separated."""
+    items = _split_list(value, where)
+    for item in items:
+        if not (BACKEND_NAME.match(item) or _BACKEND_URL.match(item)):
+            raise _fail(where, "backend names or duplicity URLs (scheme://...)", item)
+    return tuple(items)
+
+
+def parse_key_ids(value: object, where: str) -> tuple[str, ...]:
+    """GPG key ids or fingerprints (8, 16 or 40 hex digits)."""
+    items = _split_list(value, where)
+    for item in items:
+        if not _KEY_ID.match(item):
+            raise _fail(where, "GPG key ids or fingerprints (8, 16 or 40 hex digits)", item)
+    return tuple(item.removeprefix("0x").upper() for item in items)
+
+
+def format_value(value: object) -> str:
+    """How a typed option value is written into an XML attribute."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One job option: its name everywhere, its parser, its documentation."""
+
+    name: str
+    parse: Callable[[object, str], Any]
+    metavar: str
+    description: str
+    example: str
+    #: Spellings older virt-dup versions wrote; read with a notice, never written.
+    legacy_names: tuple[str, ...] = ()
+    #: The add-job flag, when it is not --NAME-with-dashes (lists take one value a flag).
+    flag: str | None = None
+
+    @property
+    def command_line_flag(self) -> str:
+        return "--" + (self.flag or self.name.replace("_", "-"))
+
+    @property
+    def repeatable(self) -> bool:
+        return self.parse in (parse_backends, parse_key_ids)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "schedule",
+        parse_schedule,
+        "CRON",
+        "When the job runs: a cron string with cron's exact semantics (five fields or "
+        "@daily, @weekly, @reboot...). Runs are incremental unless a full is due.",
+        "0 2 * * *",
+        legacy_names=("incremental_schedule",),
+    ),
+    Option(
+        "full_schedule",
+        parse_schedule,
+        "CRON",
+        "A second schedule whose runs are always full backups.",
+        "0 3 * * 0",
+    ),
+    Option(
+        "verify_schedule",
+        parse_schedule,
+        "CRON",
+        "When the latest backup is verified (restored to scratch and checked).",
+        "0 5 1 * *",
+    ),
+    Option(
+        "depth",
+        parse_integer,
+        "N",
+        "Which files of each disk's backing chain are backed up: 0 = the whole chain; "
+        "N > 0 = the N topmost files; -N = all but the N bottom-most files.",
+        "0",
+    ),
+    Option(
+        "backends",
+        parse_backends,
+        "NAME|URL",
+        "Where backups go: names of backends from virt-dup.yml or duplicity URLs.",
+        "local",
+        flag="backend",
+    ),
+    Option(
+        "encryption",
+        parse_choice(ENCRYPTION_MODES),
+        "gpg|none",
+        "gpg encrypts every backup with the configured key(s); none must be said explicitly.",
+        "gpg",
+    ),
+    Option(
+        "encryption_keys",
+        parse_key_ids,
+        "KEYID",
+        "GPG key ids or fingerprints the backups are encrypted to.",
+        "0123456789ABCDEF0123456789ABCDEF01234567",
+        flag="encryption-key",
+    ),
+    Option(
+        "full_every",
+        parse_interval,
+        "INTERVAL",
+        "Make a full backup when the last full is older than this (duplicity interval).",
+        "30D",
+    ),
+    Option(
+        "full_retention",
+        parse_count,
+        "N",
+        "How many full backup chains to keep (older chains are removed).",
+        "2",
+    ),
+    Option(
+        "incremental_retention",
+        parse_count,
+        "N",
+        "Of the kept chains, how many of the newest keep their incrementals.",
+        "1",
+    ),
+    Option(
+        "max_age",
+        parse_interval,
+        "INTERVAL",
+        "Remove chains whose newest backup is older than this (never the latest chain).",
+        "6M",
+    ),
+    Option(
+        "disable_if_powered_off",
+        parse_boolean,
+        "BOOL",
+        "Skip the run (exit 0, a journal record) when the domain is shut off.",
+        "false",
+    ),
+    Option(
+        "quiesce",
+        parse_choice(QUIESCE_POLICIES),
+        "auto|required|off",
+        "Freeze guest filesystems through the QEMU guest agent: auto = when it answers, "
+        "required = fail without it, off = never (crash-consistent).",
+        "auto",
+    ),
+    Option(
+        "description",
+        parse_text,
+        "TEXT",
+        "Free text shown in listings and in the timer's description.",
+        "nightly backup of the mail server",
+    ),
+)
+
+OPTIONS_BY_NAME: Mapping[str, Option] = {option.name: option for option in OPTIONS}
+LEGACY_NAMES: Mapping[str, str] = {
+    legacy: option.name for option in OPTIONS for legacy in option.legacy_names
+}
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Option values; ``None`` means "not set here, inherit"."""
+
+    schedule: str | None = None
+    full_schedule: str | None = None
+    verify_schedule: str | None = None
+    depth: int | None = None
+    backends: tuple[str, ...] | None = None
+    encryption: str | None = None
+    encryption_keys: tuple[str, ...] | None = None
+    full_every: str | None = None
+    full_retention: int | None = None
+    incremental_retention: int | None = None
+    max_age: str | None = None
+    disable_if_powered_off: bool | None = None
+    quiesce: str | None = None
+    description: str | None = None
+
+    def set_values(self) -> dict[str, Any]:
+        """The options that are set, by name, in table order."""
+        return {
+            option.name: getattr(self, option.name)
+            for option in OPTIONS
+            if getattr(self, option.name) is not None
+        }
+
+    def over(self, defaults: JobOptions) -> JobOptions:
+        """These options, with every unset one taken from ``defaults``."""
+        return dataclasses.replace(defaults, **self.set_values())
+
+
+#: What a job gets when neither it nor virt-dup.yml says otherwise.
+BUILTIN_DEFAULTS = JobOptions(
+    depth=0,
+    encryption="gpg",
+    full_every="30D",
+    full_retention=2,
+    incremental_retention=1,
+    disable_if_powered_off=False,
+    quiesce="auto",
+)
+
+assert {f.name for f in dataclasses.fields(JobOptions)} == set(OPTIONS_BY_NAME)
+
+
+@dataclass(frozen=True)
+class ParsedOptions:
+    """Result of reading options from one place: values plus deprecation notices."""
+
+    options: JobOptions
+    notices: tuple[str, ...] = field(default=())
+
+
+def parse_options(values: Mapping[str, object], where: str) -> ParsedOptions:
+    """Read job options from a mapping (YAML ``defaults:`` or XML attributes).
+
+    ``where`` prefixes every message (e.g. ``/etc/virt-dup/virt-dup.yml: defaults``).
+    Raises :class:`ConfigError` for an unknown name or a bad value.
+    """
+    found: dict[str, Any] = {}
+    notices: list[str] = []
+    for raw_name, value in values.items():
+        name = raw_name
+        if name in LEGACY_NAMES:
+            canonical = LEGACY_NAMES[name]
+            notices.append(f"{where}.{raw_name} is deprecated; it means {canonical}")
+            if canonical in found or canonical in values:
+                continue  # the canonical spelling wins
+            name = canonical
+        option = OPTIONS_BY_NAME.get(name)
+        if option is None:
+            raise ConfigError(
+                f"{where}.{raw_name}: unknown option; expected one of "
+                + ", ".join(sorted(OPTIONS_BY_NAME))
+            )
+        found[name] = option.parse(value, f"{where}.{raw_name}")
+    return ParsedOptions(JobOptions(**found), tuple(notices))

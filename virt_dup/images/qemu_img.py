@@ -1,0 +1,104 @@
+"""qemu-img and the other programs that read or rewrite image files.
+
+Every call goes through :func:`virt_dup.execute.run`; failures are one
+:class:`~virt_dup.errors.CommandError` line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from virt_dup.errors import CommandError, VirtDupError
+from virt_dup.execute import CommandFailed
+from virt_dup.execute import run as run_command
+
+#: How long one qemu-img call may take before it is reported as hung.
+QEMU_IMG_TIMEOUT_S = 600.0
+
+
+def run_qemu_img(*arguments: str, timeout_s: float = QEMU_IMG_TIMEOUT_S) -> str:
+    """Run ``qemu-img ARGUMENTS`` (through :func:`virt_dup.execute.run`); its standard output.
+
+    Raises :class:`CommandError` with the copy-pasteable command line, how it
+    ended and the last lines it printed (also when it ran longer than
+    ``timeout_s`` and was killed).
+    """
+    return run_command(["qemu-img", *arguments], timeout=timeout_s).stdout
+
+
+log = logging.getLogger(__name__)
+
+
+class ImageError(VirtDupError):
+    """An image that failed ``qemu-img check``."""
+
+
+def image_info(path: str) -> tuple[str, int]:
+    """(format, virtual size) of an image, its backing chain not opened."""
+    output = run_qemu_img("info", "--output=json", "-U", path)
+    try:
+        info = json.loads(output)
+        return str(info["format"]), int(info["virtual-size"])
+    except (ValueError, KeyError, TypeError):
+        raise CommandError(f"qemu-img info {path}: unreadable output") from None
+
+
+def check_image(path: str, image_format: str) -> str | None:
+    """``qemu-img check`` of one file alone (its backing file is not opened).
+
+    Returns a warning for leaked clusters (harmless: the image is what was
+    backed up); raises :class:`ImageError` for anything worse.  A format
+    qemu-img cannot check (raw) passes: its checksum is the whole check.
+    """
+    spec = "json:" + json.dumps(
+        {"driver": image_format, "file": {"driver": "file", "filename": path}, "backing": None}
+    )
+    if image_format != "qcow2":
+        spec = path
+    try:
+        completed = run_command(
+            ["qemu-img", "check", "-q", "-f", image_format, spec], ok_codes=(0, 3, 63)
+        )
+    except CommandFailed as failure:
+        meaning = {2: "is corrupted", 1: "could not be checked"}.get(
+            failure.returncode or 0, "failed the check"
+        )
+        raise ImageError(f"qemu-img check: {path} {meaning}: {failure}") from None
+    except CommandError as error:
+        raise ImageError(f"qemu-img check: {path}: {error}") from None
+    if completed.returncode == 3:
+        return f"qemu-img check: {path} has leaked clusters (harmless: as backed up)"
+    return None
+
+
+def rebase_unsafe(path: str, image_format: str, backing: str, backing_format: str | None) -> None:
+    """Rewrite the backing file named in ``path``'s header (nothing else changes)."""
+    arguments = ["rebase", "-u", "-f", image_format, "-b", backing]
+    if backing_format:
+        arguments += ["-F", backing_format]
+    run_qemu_img(*arguments, path)
+
+
+def dig_holes(path: str) -> bool:
+    """Make the zero blocks of ``path`` holes again; False when the file system cannot."""
+    try:
+        run_command(["fallocate", "--dig-holes", path], timeout=3600)
+    except CommandError as error:
+        log.warning("cannot make %s sparse: %s", path, error)
+        return False
+    return True
+
+
+def chain_of(top: str) -> list[str]:
+    """The files qemu opens for ``top``, top first (absolute paths)."""
+    output = run_qemu_img("info", "--backing-chain", "--output=json", "-U", top)
+    try:
+        return [os.path.normpath(str(entry["filename"])) for entry in json.loads(output)]
+    except (ValueError, KeyError, TypeError):
+        raise CommandError(f"qemu-img info --backing-chain {top}: unreadable output") from None
+
+
+def allocated_bytes(path: str) -> int:
+    return os.stat(path).st_blocks * 512

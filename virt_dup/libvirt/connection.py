@@ -1,0 +1,338 @@
+"""The one way virt-dup talks to libvirt.
+
+:class:`Hypervisor` wraps a ``virConnect``: finding domains by name or UUID,
+reading and writing the virt-dup metadata element, describing disks.  It is
+injectable (tests and callers that already hold a connection hand it in).
+libvirt's own error printing is silenced; failures become
+:class:`~virt_dup.errors.LibvirtError` or :class:`~virt_dup.errors.NotFoundError`
+with one line that says what failed on what.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import libvirt
+
+from virt_dup import NAMESPACE, NAMESPACE_PREFIX
+from virt_dup.config.load import Config
+from virt_dup.errors import ConfigError, LibvirtError, NotFoundError
+from virt_dup.libvirt.domain_xml import Disk, parse_disks
+from virt_dup.libvirt.metadata import Job, parse_instance_text, render_instance
+
+T = TypeVar("T")
+
+
+def _ignore_libvirt_error(_context: object, _error: object) -> None:
+    """libvirt prints every error to stderr by default; we report them ourselves."""
+
+
+libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+
+
+def _message(error: libvirt.libvirtError) -> str:
+    return (error.get_error_message() or str(error)).strip()
+
+
+class Hypervisor:
+    """A libvirt connection with the operations virt-dup needs."""
+
+    def __init__(self, connection: libvirt.virConnect) -> None:
+        self.connection = connection
+
+    @classmethod
+    def open(cls, config: Config) -> Hypervisor:
+        """Connect as virt-dup.yml says (URI, optional username and password file).
+
+        Raises :class:`LibvirtError` naming the URI when libvirtd does not answer.
+        """
+        uri = config.libvirt_uri
+        settings = config.libvirt
+        password = settings.password
+        if settings.password_file is not None:
+            try:
+                password = settings.password_file.read_text().rstrip("\n")
+            except OSError as error:
+                raise ConfigError(
+                    f"{config.path}: libvirt.password_file: cannot read "
+                    f"{settings.password_file}: {error.strerror}"
+                ) from None
+        try:
+            if settings.username is None and password is None:
+                # openAuth(uri, None, ...) segfaults in libvirt-python; open() is the same call.
+                if settings.flags & libvirt.VIR_CONNECT_RO:
+                    connection = libvirt.openReadOnly(uri)
+                else:
+                    connection = libvirt.open(uri)
+            else:
+                connection = libvirt.openAuth(
+                    uri, _credentials(settings.username, password), settings.flags
+                )
+        except libvirt.libvirtError as error:
+            raise LibvirtError(f"cannot connect to libvirt at {uri}: {_message(error)}") from None
+        return cls(connection)
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self.connection.close()
+
+    def __enter__(self) -> Hypervisor:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- domains ----------------------------------------------------------
+    @property
+    def uri(self) -> str:
+        return str(self.connection.getURI())
+
+    def call(self, what: str, function: Callable[..., T], *arguments: Any) -> T:
+        """Run a libvirt call; failures become one line naming ``what`` (a
+        :class:`LibvirtError` that keeps libvirt's error code)."""
+        try:
+            return function(*arguments)
+        except libvirt.libvirtError as error:
+            reason = _message(error)
+            raise LibvirtError(f"{what}: {reason}", error.get_error_code(), reason) from None
+
+    def domain(self, name_or_uuid: str) -> libvirt.virDomain:
+        """A domain by name or UUID; :class:`NotFoundError` when there is none."""
+        lookups = [self.connection.lookupByName]
+        if _looks_like_uuid(name_or_uuid):
+            lookups.insert(0, self.connection.lookupByUUIDString)
+        for lookup in lookups:
+            try:
+                return lookup(name_or_uuid)
+            except libvirt.libvirtError as error:
+                if error.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise LibvirtError(
+                        f"cannot look up domain {name_or_uuid}: {_message(error)}"
+                    ) from None
+        raise NotFoundError(f"no domain named {name_or_uuid!r} on {self.uri}")
+
+    def find_domain(self, name_or_uuid: str) -> libvirt.virDomain | None:
+        """A domain by name or UUID, or None when there is none."""
+        try:
+            return self.domain(name_or_uuid)
+        except NotFoundError:
+            return None
+
+    def define(self, xml: str, what: str) -> libvirt.virDomain:
+        """Define (or redefine) a persistent domain from ``xml``; ``what`` names it in errors."""
+        return self.call(f"cannot define {what}", self.connection.defineXML, xml)
+
+    def domains(self) -> list[libvirt.virDomain]:
+        """Every domain (running or not), sorted by name."""
+        found = self.call("cannot list domains", self.connection.listAllDomains, 0)
+        return sorted(found, key=lambda domain: domain.name())
+
+    def domain_names(self) -> list[str]:
+        return [domain.name() for domain in self.domains()]
+
+    def domain_xml(self, domain: libvirt.virDomain, inactive: bool = False) -> str:
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return str(
+            self.call(f"cannot read the XML of domain {domain.name()}", domain.XMLDesc, flags)
+        )
+
+    def disks(self, domain: libvirt.virDomain, inactive: bool = False) -> list[Disk]:
+        return parse_disks(self.domain_xml(domain, inactive), f"domain {domain.name()}")
+
+    # -- jobs -------------------------------------------------------------
+    def metadata_text(self, domain: libvirt.virDomain) -> str | None:
+        """The virt-dup element of the domain's current XML, or None."""
+        try:
+            return str(domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE, 0))
+        except libvirt.libvirtError as error:
+            # NO_DOMAIN: undefined while we were looking (listing all domains
+            # races with other admins' virsh undefine): it holds no jobs now.
+            if error.get_error_code() in (
+                libvirt.VIR_ERR_NO_DOMAIN_METADATA,
+                libvirt.VIR_ERR_NO_DOMAIN,
+            ):
+                return None
+            raise LibvirtError(
+                f"cannot read virt-dup metadata of domain {domain.name()}: {_message(error)}"
+            ) from None
+
+    def jobs(self, domain: libvirt.virDomain) -> list[Job]:
+        """Jobs of one domain (ConfigError when its metadata is malformed)."""
+        return parse_instance_text(self.metadata_text(domain), domain.name(), domain.UUIDString())
+
+    def all_jobs(self) -> Iterator[tuple[libvirt.virDomain, list[Job] | ConfigError]]:
+        """(domain, its jobs or the error that stops reading them) for every domain.
+
+        A domain undefined (or a transient one stopped) between the listing
+        and the reading of its metadata is left out: it has no jobs any more.
+        """
+        for domain in self.domains():
+            try:
+                jobs = self.jobs(domain)
+            except ConfigError as error:
+                yield domain, error
+                continue
+            except LibvirtError:
+                if self.find_domain(domain.UUIDString()) is None:
+                    continue
+                raise
+            yield domain, jobs
+
+    def find_job(self, job_uuid: str) -> tuple[libvirt.virDomain, Job]:
+        """The job with this uuid, in whichever domain holds it."""
+        wanted = job_uuid.strip().lower()
+        for domain, jobs in self.all_jobs():
+            if isinstance(jobs, ConfigError):
+                continue
+            for job in jobs:
+                if job.uuid == wanted:
+                    return domain, job
+        raise NotFoundError(f"no job {job_uuid} in any domain on {self.uri}")
+
+    def write_jobs(self, domain: libvirt.virDomain, jobs: list[Job]) -> None:
+        """Replace the domain's virt-dup element (live and persistent) with ``jobs``.
+
+        No jobs removes the element.  Only virt-dup's namespace is touched.
+        Raises :class:`LibvirtError` for a transient domain.
+        """
+        if not domain.isPersistent():
+            raise LibvirtError(
+                f"domain {domain.name()} is transient: jobs must live in a persistent "
+                "definition (virsh define)"
+            )
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if domain.isActive():
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        text = render_instance(jobs) if jobs else None
+        self.call(
+            f"cannot write virt-dup metadata of domain {domain.name()}",
+            domain.setMetadata,
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            text,
+            NAMESPACE_PREFIX if text else None,
+            NAMESPACE,
+            flags,
+        )
+
+
+def _looks_like_uuid(text: str) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _credentials(username: str | None, password: str | None) -> list[Any]:
+    def answer(credentials: list[list[Any]], _data: object) -> int:
+        for credential in credentials:
+            if credential[0] == libvirt.VIR_CRED_AUTHNAME:
+                credential[4] = username or ""
+            elif credential[0] == libvirt.VIR_CRED_PASSPHRASE:
+                credential[4] = password or ""
+            else:
+                return -1
+        return 0
+
+    return [[libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE], answer, None]
+
+
+class DiskOperations:
+    """What virt-dup's overlays need from libvirt for one domain: its state,
+    disk-only snapshots, active block commits and the persistent disk
+    definition.  Every call goes through :meth:`Hypervisor.call`."""
+
+    def __init__(self, hypervisor: Hypervisor, domain: libvirt.virDomain) -> None:
+        self.hypervisor = hypervisor
+        self.domain = domain
+        self.name = domain.name()
+
+    def is_active(self) -> bool:
+        """Running or paused (a QEMU process exists)."""
+        what = f"cannot read the state of domain {self.name}"
+        return bool(self.hypervisor.call(what, self.domain.isActive))
+
+    def is_persistent(self) -> bool:
+        what = f"cannot read the state of domain {self.name}"
+        return bool(self.hypervisor.call(what, self.domain.isPersistent))
+
+    def disks(self, *, inactive: bool) -> list[Disk]:
+        return self.hypervisor.disks(self.domain, inactive=inactive)
+
+    def snapshot_disks(self, snapshot_xml: str, *, quiesce: bool) -> None:
+        """One atomic, disk-only snapshot without libvirt metadata (external
+        overlays).  With ``quiesce`` libvirt freezes the guest's filesystems
+        through the guest agent around it, and thaws them also when it fails.
+        Raises :class:`LibvirtError` (``ATOMIC``: then nothing was created)."""
+        flags = SNAPSHOT_FLAGS | (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE if quiesce else 0)
+        what = f"cannot create the virt-dup overlay of domain {self.name}"
+        self.hypervisor.call(what, self.domain.snapshotCreateXML, snapshot_xml, flags)
+
+    def block_job(self, target: str, what: str) -> dict[str, int] | None:
+        """The block job running on disk ``target`` (``type``, ``cur``, ``end``), or None."""
+        info = self.hypervisor.call(what, self.domain.blockJobInfo, target, 0)
+        return dict(info) if info else None
+
+    def start_active_commit(self, target: str, bandwidth: int, what: str) -> None:
+        """A shallow active blockcommit of the disk's top into its backing file."""
+        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
+        if bandwidth:
+            flags |= libvirt.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES
+        self.hypervisor.call(what, self.domain.blockCommit, target, None, None, bandwidth, flags)
+
+    def pivot(self, target: str, what: str) -> bool:
+        """End the active commit on ``target`` by pivoting to its base; False while
+        libvirt is not ready for that yet (it has not handled QEMU's READY event)."""
+        try:
+            flags = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
+            self.hypervisor.call(what, self.domain.blockJobAbort, target, flags)
+        except LibvirtError as error:
+            if error.code == libvirt.VIR_ERR_BLOCK_COPY_ACTIVE:
+                return False
+            raise
+        return True
+
+    def abort_block_job(self, target: str, what: str) -> None:
+        """Cancel the block job on ``target`` (the disk stays where it was)."""
+        self.hypervisor.call(what, self.domain.blockJobAbort, target, 0)
+
+    def define_disk(self, disk_xml: str, what: str) -> None:
+        """Replace one ``<disk>`` of the persistent definition (by its target)."""
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        self.hypervisor.call(what, self.domain.updateDeviceFlags, disk_xml, flags)
+
+
+#: A disk-only, all-or-nothing snapshot that leaves no libvirt snapshot metadata.
+SNAPSHOT_FLAGS = (
+    libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+    | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+    | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+)
+#: The block job type of an active commit.
+ACTIVE_COMMIT = libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT
+#: libvirt errors that mean "the guest agent cannot freeze now", not "the snapshot is wrong".
+_AGENT_ERRORS = frozenset({libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED})
+#: Generic codes libvirt also uses for agent trouble ("QEMU guest agent is not configured",
+#: a freeze command that failed or timed out in the guest).
+_GENERIC_ERRORS = frozenset(
+    {
+        libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
+        libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
+        libvirt.VIR_ERR_OPERATION_FAILED,
+        libvirt.VIR_ERR_OPERATION_TIMEOUT,
+        libvirt.VIR_ERR_INTERNAL_ERROR,
+    }
+)
+
+
+def is_agent_error(error: LibvirtError) -> bool:
+    """Whether a failed quiesced snapshot failed because the guest agent cannot
+    freeze (not configured, not connected, unresponsive), not because of the
+    snapshot itself."""
+    if error.code in _AGENT_ERRORS:
+        return True
+    return error.code in _GENERIC_ERRORS and "agent" in error.reason.lower()

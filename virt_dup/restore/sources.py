@@ -1,0 +1,475 @@
+"""What backups exist: jobs on a backend, their backup sets, and what each one holds.
+
+A job's backups are one duplicity collection at ``<backend URL>/<job-uuid>``
+(:func:`virt_dup.duplicity.target.job_backend_url`).  Each backup set holds the chain files
+the job selected and the job's metadata folder (``manifest.json``,
+``domain.xml``, ``SHA256SUMS``; see :mod:`virt_dup.backup.manifest`).
+
+Where the facts come from:
+
+* backup ids (times), full/incremental, chains, volume counts: duplicity's
+  ``collection-status``;
+* sizes: the backend's file listing (``os.scandir`` for ``file://``,
+  duplicity's own backend classes for every other scheme), summed per
+  backup set over its volumes, manifest and signatures;
+* domain, disks, chain layout, checksums: the manifest *inside* the backup,
+  restored from the backend (once: it is cached under
+  ``<cache_dir>/metadata/<job-uuid>/<backup-id>/``, a backup never changes).
+
+Nothing here needs libvirt or the state directory: a fresh host with only
+virt-dup.yml and the GPG key finds every job on a backend by listing it
+(:func:`backend_sources`).  :func:`local_sources` is the libvirt side (a
+domain or job defined here).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from virt_dup.backup.manifest import (
+    CHECKSUMS,
+    DOMAIN_XML,
+    MANIFEST,
+    Manifest,
+    ManifestDisk,
+    parse_manifest,
+)
+from virt_dup.config.load import Config
+from virt_dup.duplicity.collection import BackupSet, Collection
+from virt_dup.duplicity.listing import (
+    encrypted_on_backend,
+    job_directories,
+    list_backend,
+    set_sizes,
+)
+from virt_dup.duplicity.protocol import ListedFile
+from virt_dup.duplicity.runner import Duplicity, restore_path_missing
+from virt_dup.duplicity.target import Target, environment, job_backend_url, job_target
+from virt_dup.duplicity.target import secrets as target_secrets
+from virt_dup.errors import (
+    CommandError,
+    ConfigError,
+    LibvirtError,
+    NotFoundError,
+    UsageError,
+    VirtDupError,
+)
+from virt_dup.files import write_atomically
+from virt_dup.libvirt.connection import Hypervisor
+from virt_dup.libvirt.metadata import Job, is_valid_uuid
+
+log = logging.getLogger(__name__)
+
+
+log = logging.getLogger(__name__)
+
+
+class BackupNotFound(NotFoundError):
+    """No such job, backup or metadata on the backend."""
+
+
+@dataclass(frozen=True)
+class BackupMetadata:
+    """The metadata folder of one backup: its manifest and the domain's saved XML."""
+
+    manifest: Manifest
+    domain_xml: str
+    #: Where the folder was on the backed-up host (``<state_dir>/metadata/<job>``).
+    folder: str
+
+
+# -- where a job's backups are ---------------------------------------------------------
+@dataclass(frozen=True)
+class BackupSource:
+    """One job's collection on one backend, and how to read it."""
+
+    job_uuid: str
+    backend_url: str  # the backend root; the collection is <backend_url>/<job_uuid>
+    target: Target
+    #: The job as defined here (None: found on a backend only).
+    job: Job | None = None
+    #: How duplicity is run to read it.
+    runner: Duplicity = field(default_factory=Duplicity, compare=False)
+
+    @property
+    def url(self) -> str:
+        return job_backend_url(self.backend_url, self.job_uuid)
+
+    @property
+    def display_url(self) -> str:
+        return self.target.display_url
+
+
+def source_for_job(config: Config, job: Job) -> BackupSource:
+    """The collection of a job defined here (its first backend, as ``run`` writes it)."""
+    options = job.options.over(config.defaults)
+    if not options.backends:
+        raise ConfigError(
+            f"job {job.uuid}: no backend: set backends on the job or defaults.backends in "
+            f"{config.path}"
+        )
+    backend_url = config.backend_url(options.backends[0])
+    target = job_target(config, job.uuid, options, backend_url, writing=False)
+    return BackupSource(job.uuid, backend_url, target, job)
+
+
+def backend_sources(config: Config, backend_url: str) -> list[BackupSource]:
+    """Every job collection on the backend ``backend_url`` (no libvirt, no local state)."""
+    names = job_directories(list_backend(backend_url))
+    sources = []
+    for job_uuid in names:
+        entries = list_backend(job_backend_url(backend_url, job_uuid))
+        encrypted = encrypted_on_backend(entries)
+        if encrypted is None:
+            encrypted = (config.defaults.encryption or "gpg") == "gpg"
+        options = replace(config.defaults, encryption="gpg" if encrypted else "none")
+        target = job_target(config, job_uuid, options, backend_url, writing=False)
+        sources.append(BackupSource(job_uuid, backend_url, target))
+    return sources
+
+
+def configured_backend_urls(config: Config) -> list[str]:
+    """The backends virt-dup.yml names (default backends first), without repeats."""
+    urls: list[str] = []
+    for name in (*(config.defaults.backends or ()), *config.backends):
+        url = config.backend_url(name)
+        if url not in urls:
+            urls.append(url)
+    return urls
+
+
+def local_sources(config: Config, hypervisor: Hypervisor, domain_or_job: str) -> list[BackupSource]:
+    """The collections of a job (by uuid) or of every job of a domain defined here.
+
+    Raises :class:`NotFoundError` when neither exists here.
+    """
+    if is_valid_uuid(domain_or_job.lower()):
+        try:
+            _domain, job = hypervisor.find_job(domain_or_job)
+            return [source_for_job(config, job)]
+        except NotFoundError:
+            pass
+    domain = hypervisor.domain(domain_or_job)
+    jobs = hypervisor.jobs(domain)
+    if not jobs:
+        raise NotFoundError(f"domain {domain.name()} has no virt-dup jobs")
+    return [source_for_job(config, job) for job in jobs]
+
+
+def sources_on_backends(
+    config: Config,
+    backend_urls: Sequence[str],
+    domain_or_job: str | None,
+    report: Callable[[str], None] | None = None,
+) -> list[tuple[BackupSource, BackupMetadata | None]]:
+    """Jobs on the backends whose latest manifest names ``domain_or_job`` (a domain
+    name or uuid, or the job uuid), with that manifest; every job when ``None``.
+
+    A job whose metadata cannot be read is kept (metadata ``None``) only when
+    no filter is given.
+    """
+    found: list[tuple[BackupSource, BackupMetadata | None]] = []
+    wanted = domain_or_job.lower() if domain_or_job else None
+    for backend_url in backend_urls:
+        for source in backend_sources(config, backend_url):
+            if wanted is not None and source.job_uuid == wanted:
+                found.append((source, latest_metadata(config, source, report)))
+                continue
+            try:
+                metadata = latest_metadata(config, source, report)
+            except VirtDupError as error:
+                if wanted is None:
+                    log.warning("job %s on %s: %s", source.job_uuid, backend_url, error)
+                    found.append((source, None))
+                continue
+            manifest = metadata.manifest
+            if wanted is None or wanted in (manifest.domain_name.lower(), manifest.domain_uuid):
+                found.append((source, metadata))
+    return found
+
+
+# -- backup sets -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackupEntry:
+    """One restorable point of a job."""
+
+    id: str
+    time: datetime
+    kind: str  # full, incremental
+    chain: str  # id of the chain's full backup
+    volumes: int
+    encrypted: bool
+    size: int | None
+    disks: tuple[ManifestDisk, ...] | None  # None: metadata not read
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "time": self.time.isoformat(),
+            "type": self.kind,
+            "chain": self.chain,
+            "volumes": self.volumes,
+            "encrypted": self.encrypted,
+            "size": self.size,
+            "disks": None
+            if self.disks is None
+            else [
+                {"target": disk.target, "files": [entry.path for entry in disk.selected]}
+                for disk in self.disks
+            ],
+        }
+
+
+def collection(source: BackupSource) -> Collection:
+    return source.runner.collection_status(source.target)
+
+
+def backup_entries(
+    status: Collection,
+    sizes: Mapping[tuple[str, str], int | None],
+    disks_of: Callable[[str], tuple[ManifestDisk, ...] | None],
+) -> list[BackupEntry]:
+    """The backup sets of ``status``, oldest first, as :class:`BackupEntry`."""
+    entries = []
+    for chain in status.chains:
+        for backup_set in chain.sets:
+            entries.append(
+                BackupEntry(
+                    id=backup_set.id,
+                    time=backup_set.time,
+                    kind=backup_set.kind,
+                    chain=chain.full.id,
+                    volumes=backup_set.volumes,
+                    encrypted=backup_set.encrypted,
+                    size=sizes.get((backup_set.kind, backup_set.id)),
+                    disks=disks_of(backup_set.id),
+                )
+            )
+    return entries
+
+
+def list_backups(
+    config: Config,
+    source: BackupSource,
+    report: Callable[[str], None] | None = None,
+) -> list[BackupEntry]:
+    """Every restorable point of the job, oldest first, with sizes and disks."""
+    status = collection(source)
+    try:
+        listing = list_backend(
+            source.url, environment(source.target), target_secrets(source.target)
+        )
+    except CommandError as error:
+        log.warning("cannot list %s for sizes: %s", source.display_url, error)
+        listing = {}
+    sizes = set_sizes(listing)
+    folder_hint: list[str | None] = [None]
+
+    def disks_of(backup_id: str) -> tuple[ManifestDisk, ...] | None:
+        try:
+            metadata = fetch_metadata(config, source, backup_id, folder_hint[0], report=report)
+        except VirtDupError as error:
+            log.warning("backup %s of job %s: %s", backup_id, source.job_uuid, error)
+            return None
+        folder_hint[0] = metadata.folder
+        return metadata.manifest.disks
+
+    return backup_entries(status, sizes, disks_of)
+
+
+def choose_backup(status: Collection, backup_id: str | None) -> BackupSet:
+    """The backup set ``backup_id`` (duplicity's time string), or the latest.
+
+    Raises :class:`BackupNotFound` listing what exists.
+    """
+    sets = status.backup_sets
+    if not sets:
+        raise BackupNotFound("no backups yet")
+    if backup_id is None or backup_id == "latest":
+        return max(sets, key=lambda backup_set: backup_set.time)
+    for backup_set in sets:
+        if backup_set.id == backup_id:
+            return backup_set
+    known = ", ".join(backup_set.id for backup_set in sets[-5:])
+    raise BackupNotFound(f"no backup {backup_id} (the latest: {known}; see 'virt-dup backups')")
+
+
+# -- the metadata folder of a backup ------------------------------------------------------
+def metadata_cache(config: Config, job_uuid: str, backup_id: str) -> Path:
+    """Where the metadata of one backup is kept once read (backups never change)."""
+    return config.cache_directory / "metadata" / job_uuid / backup_id
+
+
+def _read_metadata_folder(folder: Path, where: str, original: str) -> BackupMetadata:
+    try:
+        manifest_text = (folder / MANIFEST).read_text(encoding="utf-8")
+        domain_xml = (folder / DOMAIN_XML).read_text(encoding="utf-8")
+    except OSError as error:
+        raise VirtDupError(
+            f"{where}: incomplete metadata: {error.strerror}: {error.filename}"
+        ) from None
+    return BackupMetadata(parse_manifest(manifest_text, where), domain_xml, original)
+
+
+def metadata_folder_in(files: Iterable[ListedFile], job_uuid: str) -> str | None:
+    """The metadata folder (absolute path) among a backup's files, or None."""
+    for listed in files:
+        path = PurePosixPath("/", listed.path)
+        if (
+            path.name == MANIFEST
+            and path.parent.name == job_uuid
+            and path.parent.parent.name == "metadata"
+        ):
+            return str(path.parent)
+    return None
+
+
+def fetch_metadata(
+    config: Config,
+    source: BackupSource,
+    backup_id: str,
+    folder_hint: str | None = None,
+    *,
+    use_cache: bool = True,
+    report: Callable[[str], None] | None = None,
+) -> BackupMetadata:
+    """The metadata folder of backup ``backup_id``, restored from the backend.
+
+    The folder is wherever the backed-up host's state dir was; ``folder_hint``
+    (a folder found in another backup of the job, or this host's) is tried
+    first, then the backup's file list says.  The result is cached; with
+    ``use_cache=False`` (verify) it is always read from the backend.
+    Raises :class:`BackupNotFound` or :class:`CommandError`.
+    """
+    cache = metadata_cache(config, source.job_uuid, backup_id)
+    if use_cache and (cache / MANIFEST).is_file() and (cache / "folder").is_file():
+        try:
+            return _read_metadata_folder(cache, f"{cache}", (cache / "folder").read_text().strip())
+        except VirtDupError as error:
+            log.debug("ignoring the cached metadata: %s", error)
+    local_folder = str(config.state_directory / "metadata" / source.job_uuid)
+    candidates = [folder for folder in (folder_hint, local_folder) if folder]
+    if report is not None:
+        report(f"reading the metadata of backup {backup_id} of job {source.job_uuid}")
+    with tempfile.TemporaryDirectory(prefix="virt-dup-metadata-") as scratch:
+        destination = Path(scratch) / "metadata"
+        folder = None
+        for candidate in dict.fromkeys(candidates):
+            if _restore_folder(source, backup_id, candidate, destination):
+                folder = candidate
+                break
+        if folder is None:
+            listed = source.runner.list_files(source.target, time=backup_id)
+            folder = metadata_folder_in(listed, source.job_uuid)
+            if folder is None or not _restore_folder(source, backup_id, folder, destination):
+                raise BackupNotFound(
+                    f"backup {backup_id} on {source.display_url} holds no virt-dup metadata "
+                    f"(no */metadata/{source.job_uuid}/{MANIFEST}): not a virt-dup backup?"
+                )
+        metadata = _read_metadata_folder(
+            destination, f"backup {backup_id} on {source.display_url}", folder
+        )
+        _cache_metadata(cache, destination, folder)
+    if metadata.manifest.job_uuid != source.job_uuid:
+        raise VirtDupError(
+            f"backup {backup_id} on {source.display_url}: its manifest is of job "
+            f"{metadata.manifest.job_uuid}, not {source.job_uuid}"
+        )
+    return metadata
+
+
+def latest_metadata(
+    config: Config, source: BackupSource, report: Callable[[str], None] | None = None
+) -> BackupMetadata:
+    """The metadata of the job's latest backup."""
+    latest = choose_backup(collection(source), None)
+    return fetch_metadata(config, source, latest.id, report=report)
+
+
+def _restore_folder(source: BackupSource, backup_id: str, folder: str, destination: Path) -> bool:
+    """Restore ``folder`` of the backup into ``destination``; False when it is not there."""
+    try:
+        source.runner.restore(source.target, destination, time=backup_id, path_to_restore=folder)
+    except CommandError as error:
+        if restore_path_missing(error):
+            shutil.rmtree(destination, ignore_errors=True)
+            return False
+        raise
+    return (destination / MANIFEST).is_file()
+
+
+def _cache_metadata(cache: Path, restored: Path, folder: str) -> None:
+    try:
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name in (MANIFEST, DOMAIN_XML, CHECKSUMS):
+            if (restored / name).is_file():
+                write_atomically(cache / name, (restored / name).read_text(encoding="utf-8"))
+        write_atomically(cache / "folder", folder + "\n")
+    except OSError as error:  # a cache is a convenience
+        log.debug("cannot cache metadata in %s: %s", cache, error)
+
+
+# -- which collections a command means ------------------------------------------------
+def find_sources(
+    config: Config,
+    hypervisor: Callable[[], Hypervisor],
+    domain_or_job: str | None,
+    *,
+    backend_url: str | None = None,
+    job_uuid: str | None = None,
+    report: Callable[[str], None] | None = None,
+) -> list[tuple[BackupSource, BackupMetadata | None]]:
+    """The job collections ``domain_or_job`` (a domain name or uuid, or a job uuid) means.
+
+    With ``backend_url``: the jobs on that backend whose latest manifest
+    names it (every job when it is ``None``), without libvirt or local state.
+    Without: the jobs of the domain (or the job) defined here; when it is not
+    defined here (or libvirt does not answer), the jobs found on every
+    backend of virt-dup.yml.
+    ``job_uuid`` keeps only that job.  Raises :class:`NotFoundError`.
+    """
+    wanted_job = job_uuid.lower() if job_uuid else None
+    if backend_url is not None or domain_or_job is None:
+        urls = [backend_url] if backend_url is not None else configured_backend_urls(config)
+        if not urls:
+            raise ConfigError(f"{config.path} defines no backend: give --backend URL")
+        found = sources_on_backends(config, urls, domain_or_job, report)
+        where = ", ".join(urls)
+    else:
+        try:
+            found = [
+                (source, None) for source in local_sources(config, hypervisor(), domain_or_job)
+            ]
+            where = "this host"
+        except (NotFoundError, LibvirtError) as error:
+            # Not defined here, or no libvirt to ask (a fresh host): the backends know.
+            urls = configured_backend_urls(config)
+            if not urls:
+                raise
+            if report is not None:
+                report(f"{error}; looking for it on {', '.join(urls)}")
+            found = sources_on_backends(config, urls, domain_or_job, report)
+            where = ", ".join(urls)
+    if wanted_job is not None:
+        found = [(source, metadata) for source, metadata in found if source.job_uuid == wanted_job]
+    if not found:
+        what = f"job {job_uuid} of " if job_uuid else ""
+        raise BackupNotFound(f"no backups of {what}{domain_or_job or 'any job'} on {where}")
+    return found
+
+
+def one_source(
+    found: Sequence[tuple[BackupSource, BackupMetadata | None]], what: str
+) -> tuple[BackupSource, BackupMetadata | None]:
+    """The only job of ``found``; a usage error listing them when there are several."""
+    if len(found) == 1:
+        return found[0]
+    jobs = ", ".join(source.job_uuid for source, _metadata in found)
+    raise UsageError(f"{what} has several jobs ({jobs}): choose one with --job JOB_UUID")

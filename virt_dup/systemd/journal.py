@@ -1,0 +1,182 @@
+"""Structured records of what virt-dup did: to the journal, or one line on stderr.
+
+:class:`Outcome` is what one action did (its summary line, journal record
+and status-file entry); :func:`recorded` runs an action and records it.
+
+:func:`record` sends one journal entry (``MESSAGE=`` plus upper-case fields
+such as ``JOB_UUID=``, ``DOMAIN=``, ``RESULT=``) through systemd-python when
+journald listens on its socket, so ``journalctl JOB_UUID=...`` finds it.
+Where no journald runs (a container, a user manager without one) the same
+record becomes one plain line on stderr, which the service manager keeps.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar, TextIO, TypeVar
+
+from virt_dup.errors import VirtDupError
+
+#: journald's native protocol socket; present whenever journald runs.
+JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
+
+# syslog priorities (PRIORITY=), as journalctl -p names them.
+PRIORITY_ERR = 3
+PRIORITY_WARNING = 4
+PRIORITY_NOTICE = 5
+PRIORITY_INFO = 6
+
+OutcomeT = TypeVar("OutcomeT", bound="Outcome")
+
+#: What systemd's journal accepts as a field name we set (no leading "_": trusted fields).
+_FIELD_NAME = re.compile(r"[A-Z0-9][A-Z0-9_]*")
+
+
+def record(
+    message: str,
+    *,
+    priority: int = PRIORITY_INFO,
+    socket: Path = JOURNAL_SOCKET,
+    stream: TextIO | None = None,
+    **fields: object,
+) -> None:
+    """Log ``message`` with structured ``fields`` (``JOB_UUID="..."``, ``RESULT="ok"``).
+
+    Field values are sent as text; ``None`` values are left out.  Goes to the
+    journal when ``socket`` exists, else one line on ``stream`` (stderr):
+    ``virt-dup: MESSAGE [FIELD=value ...]``.  Never raises for a journal that
+    went away: the record then falls back to the stream.  Raises ValueError
+    for a field name the journal would reject (a programming error).
+    """
+    values = {name: str(value) for name, value in fields.items() if value is not None}
+    for name in values:
+        if not _FIELD_NAME.fullmatch(name) or name in ("MESSAGE", "PRIORITY"):
+            raise ValueError(f"not a journal field name for record(): {name!r}")
+    if socket.exists():
+        try:
+            from systemd import journal
+
+            journal.send(
+                message,
+                PRIORITY=str(priority),
+                SYSLOG_IDENTIFIER="virt-dup",
+                **values,
+            )
+            return
+        except OSError:
+            pass  # journald went away between the check and the send: say it on stderr
+    details = " ".join(f"{name}={value}" for name, value in values.items())
+    line = f"virt-dup: {message}" + (f" [{details}]" if details else "")
+    print(_one_line(line), file=stream if stream is not None else sys.stderr)
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+@dataclass
+class Outcome:
+    """What one action (a backup, a restore, a verification) did for one job.
+
+    The one shape behind the line a user reads (:meth:`summary`), the journal
+    record (:meth:`record`: ``JOB_UUID=``, ``DOMAIN=``, ``ACTION=``,
+    ``RESULT=``, ``DURATION_SEC=`` and the action's own fields) and the job's
+    status file (:meth:`as_status`).  Each action subclasses it with its own
+    fields, :data:`ACTION`, :meth:`success_line` and :meth:`details`.
+
+    ``result``: ``success``, ``failed``, ``skipped`` or ``dry-run`` (a dry
+    run changes nothing and leaves no record); empty while it runs.
+    """
+
+    ACTION: ClassVar[str] = "action"
+
+    job_uuid: str
+    domain: str = "?"
+    result: str = ""
+    message: str = ""
+    duration_seconds: float = 0.0
+    finished: str = ""
+    #: systemd's $INVOCATION_ID when a unit runs us: ties the result to the journal.
+    invocation_id: str | None = field(default_factory=lambda: os.environ.get("INVOCATION_ID"))
+    _started: float = field(default_factory=time.monotonic, repr=False, compare=False)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.result == "success"
+
+    def summary(self) -> str:
+        """One line for the terminal and the journal's ``MESSAGE=``."""
+        return self.success_line() if self.succeeded else self.failure_line()
+
+    def success_line(self) -> str:
+        return f"{self.ACTION} of job {self.job_uuid} (domain {self.domain}) done"
+
+    def failure_line(self) -> str:
+        return f"job {self.job_uuid} of domain {self.domain}: {self.result}: {self.message}"
+
+    def details(self) -> dict[str, object]:
+        """The action's own journal fields (``None`` values are left out)."""
+        return {}
+
+    def finish(self, result: str, message: str | None = None) -> None:
+        """Set the result (and its message), the duration and the end time."""
+        self.result = result
+        if message is not None:
+            self.message = message
+        self.duration_seconds = round(time.monotonic() - self._started, 3)
+        self.finished = datetime.now(UTC).isoformat()
+
+    def record(self) -> None:
+        """The journal record of this outcome."""
+        fields: dict[str, object] = {
+            "JOB_UUID": self.job_uuid,
+            "DOMAIN": self.domain,
+            "ACTION": self.ACTION,
+            "RESULT": self.result,
+            **self.details(),
+            "DURATION_SEC": self.duration_seconds,
+        }
+        record(
+            self.summary(),
+            priority=PRIORITY_ERR if self.result == "failed" else PRIORITY_INFO,
+            **fields,  # type: ignore[arg-type]
+        )
+
+    def as_status(self) -> dict[str, Any]:
+        """The outcome as a job's status file keeps it."""
+        return {name: value for name, value in asdict(self).items() if not name.startswith("_")}
+
+
+@contextmanager
+def recorded(outcome: OutcomeT, *also: Callable[[OutcomeT], object]) -> Iterator[OutcomeT]:
+    """Carry out the block as ``outcome``'s action, and record how it ended.
+
+    A :class:`~virt_dup.errors.VirtDupError` makes the outcome ``failed``
+    with the error's line (and is raised again); a block that ends normally
+    is a ``success`` unless it set another result (``skipped``, ``dry-run``).
+    Then the outcome gets its duration and end time and, unless it is a dry
+    run, its journal record and each of ``also`` (the status file...): a
+    failing ``also`` never stops the journal record.
+    """
+    try:
+        yield outcome
+    except VirtDupError as error:
+        outcome.finish("failed", str(error))
+        raise
+    else:
+        outcome.finish(outcome.result or "success")
+    finally:
+        if outcome.result != "dry-run":
+            try:
+                for action in also:
+                    action(outcome)
+            finally:
+                outcome.record()
