@@ -141,47 +141,26 @@ def cmd_list_jobs(context: Context) -> int:
 
 
 def cmd_check_config(context: Context) -> int:
-    config = context.config
-    exists = config.path.exists()
-    print(f"{config.path}: {'ok' if exists else 'not present, using built-in defaults'}")
-    print(f"scope: {config.scope}, libvirt: {config.libvirt_uri}")
-    print(f"backends: {', '.join(f'{n}={u}' for n, u in config.backends.items()) or '(none)'}")
-    print(f"encryption keys: {', '.join(config.encryption.keys) or '(none)'}")
-    if context.arguments.connect:
-        version = context.hypervisor.connection.getLibVersion()
-        print(f"libvirt reachable (library {version // 1000000}.{version // 1000 % 1000})")
+    from virt_dup.actions.check_config import check_config
+
+    connect = (lambda: context.hypervisor) if context.arguments.connect else None
+    for line in check_config(context.config, connect):
+        print(line)
     return EXIT_OK
 
 
 def cmd_schedule_explain(context: Context) -> int:
-    from virt_dup.config.cron import describe, next_runs
-    from virt_dup.systemd.schedule import cron_to_timer
+    from virt_dup.actions.schedule import explain
 
-    expression = context.arguments.expression
-    timer = cron_to_timer(expression)
-    start = datetime.now(UTC).astimezone()
-    runs = next_runs(expression, start, context.arguments.count)
+    explanation = explain(
+        context.arguments.expression, context.arguments.count, datetime.now(UTC).astimezone()
+    )
     if context.arguments.json:
-        json.dump(
-            {
-                "expression": expression,
-                "description": describe(expression),
-                "on_calendar": list(timer.on_calendar),
-                "on_boot_sec": timer.on_boot_sec,
-                "next": [run.isoformat() for run in runs],
-            },
-            sys.stdout,
-            indent=2,
-        )
+        json.dump(explanation.as_json(), sys.stdout, indent=2)
         print()
-        return EXIT_OK
-    for spec in timer.on_calendar:
-        print(f"OnCalendar={spec}")
-    if timer.on_boot_sec is not None:
-        print(f"OnBootSec={timer.on_boot_sec}")
-    print(f"# {describe(expression)}")
-    for run in runs:
-        print(f"# next: {run.strftime('%a %Y-%m-%d %H:%M %Z')}")
+    else:
+        for line in explanation.lines():
+            print(line)
     return EXIT_OK
 
 

@@ -84,6 +84,11 @@ class Hypervisor:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
+    def library_version(self) -> tuple[int, int]:
+        """(major, minor) of the libvirt library the daemon runs."""
+        version = int(self.call("cannot ask libvirt its version", self.connection.getLibVersion))
+        return version // 1000000, version // 1000 % 1000
+
     # -- domains ----------------------------------------------------------
     @property
     def uri(self) -> str:
