@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Print the roff of the job option table (virt_dup.options.OPTIONS).
+"""Print the roff of the job option table (virt_dup.config.options.OPTIONS).
 
 virt-dup(8) and virt-dup.yml(5) carry this output between the lines
 ``.\\" BEGIN GENERATED JOB OPTIONS`` and ``.\\" END GENERATED JOB OPTIONS``;

@@ -39,7 +39,7 @@ def write_atomically(
     gets ``mode``.  The data and the rename are on disk when this returns.
     Raises OSError.
     """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=directory_mode)
+    make_directories(path.parent, directory_mode)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
@@ -58,6 +58,19 @@ def write_atomically(
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def make_directories(directory: Path, mode: int) -> None:
+    """Create ``directory`` and its missing parents, each with exactly ``mode``
+    (whatever the umask); existing directories are left as they are."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for each in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile by another writer
+            each.mkdir(mode=mode)
+            os.chmod(each, mode)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -33,7 +33,9 @@ libvirt.registerErrorHandler(_ignore_libvirt_error, None)
 
 
 def _message(error: libvirt.libvirtError) -> str:
-    return (error.get_error_message() or str(error)).strip()
+    """libvirt's message as one line (QEMU's log tail comes as several)."""
+    text = error.get_error_message() or str(error)
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 class Hypervisor:

@@ -36,8 +36,9 @@ PRIORITY_INFO = 6
 
 OutcomeT = TypeVar("OutcomeT", bound="Outcome")
 
-#: What systemd's journal accepts as a field name we set (no leading "_": trusted fields).
-_FIELD_NAME = re.compile(r"[A-Z0-9][A-Z0-9_]*")
+#: What journald accepts as a field name we set (``journal_field_valid``: at most 64
+#: characters, no leading digit, no leading "_": those are trusted fields).
+_FIELD_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 
 def record(
@@ -160,7 +161,8 @@ def recorded(outcome: OutcomeT, *also: Callable[[OutcomeT], object]) -> Iterator
     """Carry out the block as ``outcome``'s action, and record how it ended.
 
     A :class:`~virt_dup.errors.VirtDupError` makes the outcome ``failed``
-    with the error's line (and is raised again); a block that ends normally
+    with the error's line (and is raised again), any other exception too (as
+    an internal error); a block that ends normally
     is a ``success`` unless it set another result (``skipped``, ``dry-run``).
     Then the outcome gets its duration and end time and, unless it is a dry
     run, its journal record and each of ``also`` (the status file...): a
@@ -170,6 +172,9 @@ def recorded(outcome: OutcomeT, *also: Callable[[OutcomeT], object]) -> Iterator
         yield outcome
     except VirtDupError as error:
         outcome.finish("failed", str(error))
+        raise
+    except BaseException as error:  # a bug, or Ctrl-C outside an interruptible section
+        outcome.finish("failed", f"internal error: {type(error).__name__}: {error}")
         raise
     else:
         outcome.finish(outcome.result or "success")
