@@ -124,7 +124,8 @@ def select_disks(disks: Sequence[Disk], selector: DiskSelector, domain_name: str
                 f"disk {disk.target} of domain {domain_name} is not a qcow2 file ({kind}); "
                 "virt-dup backs up qcow2 disks"
             )
-    return chosen
+    # A disk named twice (dev_name and path, the original's spelling) is one disk.
+    return list({disk.target: disk for disk in chosen}.values())
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,6 @@ def test_a_domain_without_a_qcow2_disk_has_nothing_to_back_up() -> None:
         assert str(caught.value) == "domain vm01 has no qcow2 disk to back up"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a disk named twice is selected twice")
 def test_a_disk_named_by_dev_and_by_path_is_selected_once() -> None:
     """virt-dup(8): a job backs up the union of its dev and path selectors."""
     both = DiskSelector(devs=("vda",), paths=(f"{IMAGES}/vm01.qcow2",))
