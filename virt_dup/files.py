@@ -7,13 +7,15 @@ sections of code that a SIGTERM must not cut short.
 * :func:`interruptible`: SIGTERM/SIGINT (systemd stopping a unit, its start
   timeout, Ctrl-C) become :class:`Interrupted`, so ``finally`` blocks and
   ``except`` handlers run: a backup merges its overlays back, a restore
-  takes back what it did.
+  takes back what it did; :func:`signals_deferred` holds them back while
+  that runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import signal
 from collections.abc import Iterator
@@ -22,12 +24,29 @@ from types import FrameType
 
 from virt_dup.errors import VirtDupError
 
+logger = logging.getLogger(__name__)
+
 #: Bytes read at a time when hashing a disk image.
 _HASH_CHUNK = 4 << 20
 
 
 class Interrupted(VirtDupError):
     """SIGTERM or SIGINT arrived inside an :func:`interruptible` section."""
+
+
+class FileError(VirtDupError):
+    """A file virt-dup needs could not be written or read (a full or broken disk)."""
+
+
+@contextlib.contextmanager
+def file_errors_reported() -> Iterator[None]:
+    """An :class:`OSError` in the block becomes a :class:`FileError`: one line
+    naming the file and the reason, reported like every other failure."""
+    try:
+        yield
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        raise FileError(f"{where}{error.strerror or error}") from error
 
 
 def write_atomically(
@@ -102,3 +121,24 @@ def interruptible(consequence: str) -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred(consequence: str) -> Iterator[None]:
+    """Hold SIGTERM/SIGINT back for the duration of the block (a merge must not be
+    cut short); one that came meanwhile raises :class:`Interrupted` afterwards,
+    ``stopped by SIGTERM; <consequence>``."""
+    arrived: list[int] = []
+
+    def note(number: int, _frame: FrameType | None) -> None:
+        arrived.append(number)
+        logger.warning("%s arrived; it waits until the merge is done", signal.Signals(number).name)
+
+    previous = {number: signal.signal(number, note) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if arrived:
+        raise Interrupted(f"stopped by {signal.Signals(arrived[0]).name}; {consequence}")

@@ -271,7 +271,7 @@ def test_two_jobs_of_one_domain_never_overlap(make_domain, environment, tmp_path
     subprocess.run(["kill", "-STOP", str(duplicity_pid)], check=True)
     try:
         second = environment.start_run(second_job)
-        lock = environment.state / "locks" / f"{vm.uuid}.lock"
+        lock = environment.lock_path(vm.uuid)
         wait_for(
             lambda: has_open(second.pid, lock) or second.poll() is not None,
             60,

@@ -381,4 +381,4 @@ def test_a_domain_that_vanishes_while_listed_is_skipped(
     hypervisor = ListedBeforeItVanished(libvirt_conn)
     domain, found = hypervisor.find_job(job)
     assert (domain.UUIDString(), found.uuid) == (vm.uuid, job)
-    assert recover_all(hypervisor, StateStore(tmp_path / "state")) == ([], [])
+    assert recover_all(hypervisor, StateStore(tmp_path / "state", tmp_path / "locks")) == ([], [])

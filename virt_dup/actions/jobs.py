@@ -19,7 +19,7 @@ from virt_dup.config.options import OPTIONS_BY_NAME, JobOptions
 from virt_dup.errors import ConfigError, UsageError, VirtDupError
 from virt_dup.libvirt.connection import Hypervisor
 from virt_dup.libvirt.domain_xml import select_disks
-from virt_dup.libvirt.metadata import DiskSelector, Job, is_valid_uuid
+from virt_dup.libvirt.metadata import DiskSelector, Job, duplicate_job_message, is_valid_uuid
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def remove_all_jobs(
 def job_record(job: Job, config: Config, domain: libvirt.virDomain | None = None) -> dict[str, Any]:
     """A job with its effective options (defaults applied) and its last results."""
     effective = job.options.over(config.defaults)
-    status = StateStore(config.state_directory).load_status(job.uuid)
+    status = StateStore.of(config).load_status(job.uuid)
     record: dict[str, Any] = {
         "domain": job.domain_name,
         "domain_uuid": job.domain_uuid,
@@ -157,9 +157,17 @@ def list_jobs(
     if domain_name is not None:
         domain = hypervisor.domain(domain_name)
         return [job_record(job, config, domain) for job in hypervisor.jobs(domain)], []
+    holders: dict[str, list[str]] = {}
     for domain, jobs in hypervisor.all_jobs():
         if isinstance(jobs, ConfigError):
             warnings.append(f"skipped: {jobs}")
             continue
         records.extend(job_record(job, config, domain) for job in jobs)
+        for job in jobs:
+            holders.setdefault(job.uuid, []).append(job.domain_name)
+    warnings += [
+        duplicate_job_message(job_uuid, names)
+        for job_uuid, names in holders.items()
+        if len(names) > 1
+    ]
     return records, warnings

@@ -210,7 +210,7 @@ class _Restore:
 
             self._carry_out(plan, finish)
             return
-        store = StateStore(self.config.state_directory)
+        store = StateStore.of(self.config)
         with store.domain_lock(domain.UUIDString(), domain.name(), LOCK_WAIT_SECONDS):
             _check_shut_off(self.hypervisor(), domain, store)
             self._carry_out(

@@ -23,12 +23,18 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import libvirt
 
 from virt_dup.backup.manifest import write_metadata
-from virt_dup.backup.overlay import MERGE_TIMEOUT_SECONDS, create_overlays, merge_overlay
-from virt_dup.backup.plan import Plan, make_plan, wait_past_last_backup
+from virt_dup.backup.overlay import (
+    MERGE_TIMEOUT_SECONDS,
+    OverlayRefused,
+    create_overlays,
+    merge_overlay,
+)
+from virt_dup.backup.plan import Plan, check_complete, make_plan, wait_past_last_backup
 from virt_dup.backup.recovery import recover_domain
 from virt_dup.backup.state import RunRecord, StateStore
 from virt_dup.config.load import Config
@@ -36,7 +42,7 @@ from virt_dup.duplicity.collection import Collection
 from virt_dup.duplicity.protocol import BackupProgress
 from virt_dup.duplicity.runner import Duplicity
 from virt_dup.errors import VirtDupError
-from virt_dup.files import interruptible
+from virt_dup.files import file_errors_reported, interruptible, signals_deferred
 from virt_dup.libvirt.connection import Hypervisor
 from virt_dup.libvirt.domain_xml import parse_disks
 from virt_dup.libvirt.metadata import Job
@@ -108,18 +114,24 @@ def run_job(
     :class:`RunFailed`, after every overlay is merged back.
     """
     domain, job = hypervisor.find_job(job_uuid)
-    store = StateStore(config.state_directory)
+    store = StateStore.of(config)
     result = RunResult(job.uuid, domain.name())
     run = _Run(config, hypervisor, store, domain, job, duplicity or Duplicity(), report, progress)
     try:
         with (
-            journal.recorded(result, lambda done: store.record_result(job.uuid, done.as_status())),
+            journal.recorded(result, lambda done: _write_status(store, done)),
+            file_errors_reported(),
             store.domain_lock(domain.UUIDString(), domain.name(), lock_wait_seconds),
         ):
             run.locked(result, force_full=force_full, dry_run=dry_run)
     except VirtDupError as error:
         raise RunFailed(result, error) from None
     return result
+
+
+def _write_status(store: StateStore, result: RunResult) -> None:
+    with file_errors_reported():
+        store.record_result(result.job_uuid, result.as_status())
 
 
 @dataclass
@@ -162,8 +174,7 @@ class _Run:
         result.full = plan.full
         result.disks = [disk.target for disk in plan.disks]
         wait_past_last_backup(plan.collection)
-        with interruptible("merging overlays back"):
-            self.back_up(plan, result, domain_xml)
+        self.back_up(plan, result, domain_xml)
 
     def back_up(self, plan: Plan, result: RunResult, domain_xml: str) -> None:
         """Steps 4-7: record the plan, overlays on, back up, merge back, retention."""
@@ -177,17 +188,26 @@ class _Run:
             phase="planned",
             disks=plan.disks,
         )
-        self.store.save_run(record)
+        self.store.save_run(record)  # before the first overlay: recovery's guide
         backup_error: VirtDupError | None = None
         collection_after: Collection | None = None  # None: unknown, apply every rule
+        refused = False
         try:
-            collection_after = self._copy(plan, record, result, domain_xml)
+            with interruptible("merging overlays back"):
+                collection_after = self._copy(plan, record, result, domain_xml)
+        except OverlayRefused:
+            refused = True  # nothing was made: nothing may be merged or deleted
+            raise
         except VirtDupError as error:
             backup_error = error
         finally:
-            # Merge even after a failure or an interruption: a VM must never be
-            # left running on a temporary overlay.
-            self._merge_back(plan, record)
+            if refused:
+                self._save(record, clear=True)
+            else:
+                # Merge even after a failure or an interruption, and let no signal
+                # cut the merge short: a VM must never be left on an overlay.
+                with signals_deferred("the overlays are merged back"):
+                    self._merge_back(plan, record)
         if backup_error is not None:
             raise backup_error
         self.duplicity.apply_retention(plan.target, plan.options, collection=collection_after)
@@ -207,10 +227,17 @@ class _Run:
         )
         record.phase = "backup"
         self.store.save_run(record)
-        metadata = self.store.metadata_dir(plan.job.uuid)
+        # The files themselves, never a symbolic link to them: duplicity backs up
+        # a link as a link.
+        metadata = Path(os.path.realpath(self.store.metadata_dir(plan.job.uuid)))
         write_metadata(metadata, plan, domain_xml)
-        includes = [f.path for disk in plan.disks for f in disk.selected] + [str(metadata)]
-        stats = self.duplicity.backup(plan.target, includes, full=plan.full, progress=self.progress)
+        files = {f.file: os.stat(f.file).st_size for disk in plan.disks for f in disk.selected}
+        files |= {os.fspath(path): path.stat().st_size for path in metadata.iterdir()}
+        includes = [*dict.fromkeys(f.file for disk in plan.disks for f in disk.selected)]
+        stats = self.duplicity.backup(
+            plan.target, [*includes, os.fspath(metadata)], full=plan.full, progress=self.progress
+        )
+        check_complete(stats, files)
         result.bytes_read = stats.bytes_read
         result.bytes_uploaded = stats.bytes_uploaded
         if stats.time is None:
@@ -221,9 +248,14 @@ class _Run:
         """Every overlay merged back, then the record cleared; raises when one is not
         (the record then stays: the next run or the boot unit finishes the merge)."""
         record.phase = "merge"
-        self.store.save_run(record)
+        self._save(record)
         merge_errors = []
         for disk in plan.disks:
+
+            def merged(target: str = disk.target) -> None:
+                record.merged.append(target)
+                self._save(record)
+
             try:
                 merge_overlay(
                     self.hypervisor,
@@ -232,6 +264,8 @@ class _Run:
                     disk.overlay,
                     disk.original_top,
                     MERGE_TIMEOUT_SECONDS,
+                    committed=disk.target in record.merged,
+                    on_merged=merged,
                 )
             except VirtDupError as error:
                 merge_errors.append(f"disk {disk.target}: {error}")
@@ -239,4 +273,20 @@ class _Run:
             raise VirtDupError(
                 "overlays not merged back, recovery will retry: " + "; ".join(merge_errors)
             )
-        self.store.clear_run(self.domain.UUIDString())
+        self._save(record, clear=True)
+
+    def _save(self, record: RunRecord, *, clear: bool = False) -> None:
+        """Write (or ``clear``) the run record where nothing may depend on it: the
+        merge goes on when the state directory is full or broken."""
+        try:
+            if clear:
+                self.store.clear_run(record.domain_uuid)
+            else:
+                self.store.save_run(record)
+        except OSError as error:
+            log.warning(
+                "cannot write the run record of domain %s (%s): %s; going on",
+                record.domain_name,
+                error.filename,
+                error.strerror,
+            )

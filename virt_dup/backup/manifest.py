@@ -55,6 +55,14 @@ class ManifestFile:
     selected: bool
     sha256: str | None
     actual_size: int | None = None
+    #: Where the file is in the backup, when not at ``path`` (a symbolic link
+    #: on the way: the backup holds the file itself).
+    backed_up_as: str | None = None
+
+    @property
+    def stored(self) -> str:
+        """The file's path inside the backup."""
+        return self.backed_up_as or self.path
 
     def as_json(self) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -68,6 +76,8 @@ class ManifestFile:
         }
         if self.sha256 is not None:
             entry["sha256"] = self.sha256
+        if self.backed_up_as is not None:
+            entry["backed_up_as"] = self.backed_up_as
         return entry
 
     @classmethod
@@ -82,6 +92,7 @@ class ManifestFile:
             selected=bool(entry["selected"]),
             sha256=entry.get("sha256"),
             actual_size=None if actual_size is None else int(actual_size),
+            backed_up_as=entry.get("backed_up_as"),
         )
 
 
@@ -202,6 +213,9 @@ def manifest_of(plan: Plan, checksums: Mapping[str, str]) -> Manifest:
                 selected=chain_file.path in selected,
                 sha256=checksums.get(chain_file.path) if chain_file.path in selected else None,
                 actual_size=chain_file.actual_size,
+                backed_up_as=chain_file.real_path
+                if chain_file.path in selected and chain_file.real_path
+                else None,
             )
             for chain_file in disk.chain
         )
@@ -227,7 +241,7 @@ def write_metadata(directory: Path, plan: Plan, domain_xml: str) -> Manifest:
     Returns the manifest."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     checksums = {
-        chain_file.path: sha256_file(chain_file.path)
+        chain_file.path: sha256_file(chain_file.file)
         for disk in plan.disks
         for chain_file in disk.selected
     }

@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import libvirt
@@ -34,7 +34,7 @@ import libvirt
 from virt_dup.config.options import QUIESCE_POLICIES
 from virt_dup.errors import CommandError, LibvirtError, NotFoundError, VirtDupError
 from virt_dup.images.chain import read_chain
-from virt_dup.images.qemu_img import run_qemu_img
+from virt_dup.images.qemu_img import run_qemu_img, same_content
 from virt_dup.libvirt.connection import ACTIVE_COMMIT, DiskOperations, Hypervisor, is_agent_error
 from virt_dup.libvirt.domain_xml import Disk, disk_pointed_at, snapshot_xml
 from virt_dup.libvirt.metadata import is_valid_uuid
@@ -61,6 +61,21 @@ class MergeNotReady(LibvirtError):
 
 class BlockJobBusy(LibvirtError):
     """Another block job runs on the disk: the overlay cannot be merged now."""
+
+
+class OverlayRefused(VirtDupError):
+    """No overlay was made (and none may be merged or deleted): a disk already runs
+    on one, an overlay-named file is in the way, the disk is no qcow2 file, or
+    the guest could not be frozen when that is required."""
+
+    def __init__(self, message: str, exit_code: int = VirtDupError.exit_code) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class OverlayKept(VirtDupError):
+    """An overlay no definition uses any more but that may hold guest writes the
+    original top does not: it is kept, for an admin to look at."""
 
 
 # --- names ---------------------------------------------------------------------------
@@ -142,7 +157,10 @@ def create_overlays(
     name = operations.name
     active = operations.is_active()
     disks = operations.disks(inactive=not active)
-    _check_can_overlay(operations, disks, overlays)
+    try:
+        _check_can_overlay(operations, disks, overlays)
+    except VirtDupError as error:
+        raise OverlayRefused(str(error), error.exit_code) from error
     xml = snapshot_xml([disk.target for disk in disks], overlays)
     started = time.monotonic()
     if not active:
@@ -208,7 +226,7 @@ def _snapshot_quiesced(operations: DiskOperations, xml: str, quiesce: str) -> Qu
             raise
         reason = error.reason
     if quiesce == "required":
-        raise LibvirtError(
+        raise OverlayRefused(
             f"domain {name}: cannot freeze guest filesystems and quiesce is required: {reason}; "
             "no overlay was created"
         )
@@ -234,6 +252,8 @@ def merge_overlay(
     timeout_s: float = MERGE_TIMEOUT_SECONDS,
     *,
     bandwidth: int = 0,
+    committed: bool = False,
+    on_merged: Callable[[], None] | None = None,
 ) -> None:
     """Put disk ``target`` back on ``original_top`` with every write kept; delete the overlay.
 
@@ -246,9 +266,18 @@ def merge_overlay(
     ``original_top`` too.  ``bandwidth`` limits the blockcommit (bytes/s,
     0 = unlimited).
 
-    Idempotent: a disk already on ``original_top`` only loses the left-over
-    overlay file (if any); a blockcommit already running on the disk is
-    waited for rather than started again.
+    Idempotent: a blockcommit already running on the disk is waited for
+    rather than started again, and a disk already on ``original_top`` only
+    loses a left-over overlay file -- but only an overlay whose writes are
+    in ``original_top``: one this call committed, one the caller knows was
+    committed (``committed``: a run record says so), or one whose content
+    ``qemu-img compare`` finds equal to ``original_top``'s.  Any other
+    overlay is kept (:class:`OverlayKept`): no definition uses it, yet it
+    may hold guest writes (a shut-off domain started and stopped during the
+    backup, then defined on its original top by someone else).
+    ``on_merged`` is called once the commit is done and every definition is
+    back on ``original_top``, before the overlay is deleted (the run records
+    it).
 
     Raises :class:`LibvirtError` (blockcommit not ready in time: aborted,
     the disk stays on the overlay, a later call retries), :class:`CommandError`
@@ -266,17 +295,22 @@ def merge_overlay(
         )
         if live is not None and _same_file(live, overlay_path):
             _require_overlay_file(name, target, overlay_path, original_top)
-            _commit_live(operations, target, deadline, timeout_s, bandwidth)
+            committed |= _commit_live(operations, target, deadline, timeout_s, bandwidth)
         elif persistent is not None and _same_file(persistent, overlay_path):
             if not active:
                 _require_overlay_file(name, target, overlay_path, original_top)
                 if not _commit_offline(operations, overlay_path, timeout_s):
                     continue  # started meanwhile: the next round commits live
+                committed = True
             # Live already on original_top (or just committed offline): fix the definition.
             _point_definition_at(operations, target, original_top)
         else:
             _check_back_on(name, target, original_top, live=live, persistent=persistent)
-            _delete(overlay_path)
+            if os.path.lexists(overlay_path):
+                _check_merged(name, target, overlay_path, original_top, committed)
+                if on_merged is not None:
+                    on_merged()
+                _delete(overlay_path)
             return
     raise LibvirtError(
         f"domain {name}: disk {target} is still on the overlay {overlay_path} after "
@@ -309,12 +343,13 @@ def _require_overlay_file(domain_name: str, target: str, overlay: str, original_
 
 def _commit_live(
     operations: DiskOperations, target: str, deadline: float, timeout_s: float, bandwidth: int
-) -> None:
+) -> bool:
     """Active shallow blockcommit of the top into its backing file, then pivot.
 
-    Returns quietly when the domain stops on the way (the caller then merges
-    offline).  Raises :class:`MergeNotReady` when the job is not ready by
-    ``deadline`` (it is aborted; the disk stays on the overlay).
+    Returns True once pivoted; False when the domain stops on the way (the
+    caller then merges offline) or the job vanished.  Raises
+    :class:`MergeNotReady` when the job is not ready by ``deadline`` (it is
+    aborted; the disk stays on the overlay).
     """
     name = operations.name
     what = f"domain {name}: disk {target}: blockcommit of the overlay failed"
@@ -329,7 +364,7 @@ def _commit_live(
                 f"(type {info.get('type')}); cannot merge the overlay now"
             )
         if not _pivot_when_ready(operations, target, deadline, timeout_s, what):
-            return  # the job vanished (aborted by someone): the caller looks again
+            return False  # the job vanished (aborted by someone): the caller looks again
     except (MergeNotReady, BlockJobBusy):
         raise
     except LibvirtError:
@@ -337,7 +372,7 @@ def _commit_live(
             log.info(
                 "domain %s stopped during the blockcommit of %s; merging offline", name, target
             )
-            return
+            return False
         raise
     log.info(
         "domain %s: disk %s committed and pivoted in %.3fs",
@@ -345,6 +380,7 @@ def _commit_live(
         target,
         time.monotonic() - started,
     )
+    return True
 
 
 def _pivot_when_ready(
@@ -419,6 +455,26 @@ def _check_back_on(
                 f"domain {domain_name}: disk {target} {where} on {source}, which is neither "
                 f"{original_top} nor the virt-dup overlay; the overlay is kept, merge by hand"
             )
+
+
+def _check_merged(
+    domain_name: str, target: str, overlay: str, original_top: str, committed: bool
+) -> None:
+    """Raises :class:`OverlayKept` unless every write in ``overlay`` is in ``original_top``."""
+    if committed:
+        return
+    try:
+        if same_content(overlay, original_top):
+            return
+        reason = "its content differs from"
+    except CommandError as error:
+        reason = f"it cannot be compared ({error}) with"
+    raise OverlayKept(
+        f"domain {domain_name}: disk {target} is back on {original_top}, but the overlay "
+        f"{overlay} was not merged by virt-dup and {reason} {original_top}: it may hold "
+        "guest writes (was the domain defined anew during the backup?); it is kept: "
+        f"'qemu-img commit {overlay}' puts them into {original_top}, when no domain uses it"
+    )
 
 
 def _delete(path: str) -> None:

@@ -20,6 +20,7 @@ from virt_dup.config.load import Config
 from virt_dup.config.options import JobOptions
 from virt_dup.duplicity.cache import discard_interrupted_backup, partial_files
 from virt_dup.duplicity.collection import Collection, full_is_due
+from virt_dup.duplicity.protocol import BackupStats
 from virt_dup.duplicity.runner import Duplicity
 from virt_dup.duplicity.target import Target, job_target
 from virt_dup.errors import ConfigError, VirtDupError
@@ -186,3 +187,30 @@ def wait_past_last_backup(
         return 0.0
     sleep(wait)
     return wait
+
+
+class IncompleteBackup(VirtDupError):
+    """duplicity's statistics do not account for every file the plan selected."""
+
+
+def check_complete(stats: BackupStats, files: Mapping[str, int]) -> None:
+    """A backup holds every file of ``files`` (path -> size in bytes), in full.
+
+    duplicity's statistics count the source it read: every selected file,
+    and the directories above them (so "at least").  A file it did not read
+    as a file (a symbolic link, a file that vanished) makes them fall short.
+    Raises :class:`IncompleteBackup` saying by how much: such a backup is
+    never reported as done.
+    """
+    expected_bytes = sum(files.values())
+    problems = []
+    if stats.errors:
+        problems.append(f"duplicity counted {stats.errors} error(s) reading the files")
+    if stats.source_files < len(files):
+        problems.append(f"it read {stats.source_files} of the {len(files)} selected files")
+    if stats.bytes_read < expected_bytes:
+        problems.append(f"it read {stats.bytes_read} of their {expected_bytes} bytes")
+    if problems:
+        raise IncompleteBackup(
+            "the backup does not hold every selected file in full: " + "; ".join(problems)
+        )

@@ -43,6 +43,11 @@ def recover_domain(
     record = store.load_run(domain.UUIDString())
     if record is not None:
         for planned in record.disks:
+
+            def merged(target: str = planned.target) -> None:
+                record.merged.append(target)
+                store.save_run(record)
+
             merge_overlay(
                 hypervisor,
                 domain,
@@ -50,6 +55,8 @@ def recover_domain(
                 planned.overlay,
                 planned.original_top,
                 timeout_seconds,
+                committed=planned.target in record.merged,
+                on_merged=merged,
             )
             done.append(
                 f"domain {domain.name()}: disk {planned.target} back on {planned.original_top} "

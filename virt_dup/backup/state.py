@@ -3,7 +3,12 @@
 * ``runs/<domain-uuid>.json`` — the plan of a backup in flight, written
   *before* the first overlay exists and removed only after every overlay is
   merged.  Recovery reads it after a crash.
-* ``locks/<domain-uuid>.lock`` — one run per domain at a time (flock).
+* ``<lock directory>/<domain-uuid>.lock`` — one run per domain at a time
+  (flock), per *host*: ``/run/virt-dup/locks`` (a user's own,
+  ``$XDG_RUNTIME_DIR/virt-dup/locks``), not in the state directory, so two
+  configurations (two state directories, a hand-run ``--config``) never
+  back up one domain at once, and recovery never merges the overlay of a
+  run that is alive: that run holds the lock.
 * ``status/<job-uuid>.json`` — the last run, the last success, the last error.
 * ``metadata/<job-uuid>/`` — the metadata folder backed up with the disks.
 
@@ -19,13 +24,14 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from virt_dup.backup.plan import DiskPlan
+from virt_dup.config.load import Config
 from virt_dup.errors import VirtDupError
-from virt_dup.files import write_atomically
+from virt_dup.files import make_directories, write_atomically
 
 
 class LockTimeout(VirtDupError):
@@ -44,6 +50,9 @@ class RunRecord:
     full: bool
     phase: str  # planned -> overlays -> backup -> merge
     disks: tuple[DiskPlan, ...] = ()
+    #: Disks whose overlay is merged (committed, every definition back on the
+    #: original top); only their overlays may be deleted without a look.
+    merged: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "disks": [disk.as_json() for disk in self.disks]}
@@ -57,9 +66,20 @@ class RunRecord:
 class StateStore:
     """The state directory; every path virt-dup keeps there is decided here."""
 
-    def __init__(self, directory: Path, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        lock_directory: Path,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.directory = directory
+        self.lock_directory = lock_directory
         self.clock = clock
+
+    @classmethod
+    def of(cls, config: Config) -> StateStore:
+        """The state of ``config``'s scope, with the host's locks."""
+        return cls(config.state_directory, config.lock_directory)
 
     # -- run records ------------------------------------------------------------
     def run_path(self, domain_uuid: str) -> Path:
@@ -102,8 +122,8 @@ class StateStore:
 
         Raises :class:`LockTimeout` naming the domain and the holder's pid.
         """
-        path = self.directory / "locks" / f"{domain_uuid}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.lock_directory / f"{domain_uuid}.lock"
+        make_directories(path.parent, 0o700)
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             deadline = self.clock() + wait_seconds

@@ -233,7 +233,7 @@ def cmd_recover(context: Context) -> int:
     from virt_dup.actions.recover import recover_all
     from virt_dup.backup.state import StateStore
 
-    done, errors = recover_all(context.hypervisor, StateStore(context.config.state_directory))
+    done, errors = recover_all(context.hypervisor, StateStore.of(context.config))
     for line in done:
         print(f"recovered: {line}")
     for line in errors:

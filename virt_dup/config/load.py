@@ -98,6 +98,16 @@ class Config:
         return Path(os.environ.get("STATE_DIRECTORY", "/var/lib/virt-dup"))
 
     @property
+    def lock_directory(self) -> Path:
+        """Where runs lock domains: one place per host (and per user for the
+        user scope, whose domains are the user's own), on a tmpfs that a boot
+        empties."""
+        if self.scope == "user":
+            runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+            return Path(runtime) / "virt-dup" / "locks"
+        return Path("/run/virt-dup/locks")
+
+    @property
     def cache_directory(self) -> Path:
         if self.cache_dir:
             return self.cache_dir

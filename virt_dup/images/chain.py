@@ -27,7 +27,9 @@ class ChainFile:
     ``path``: absolute, as qemu resolves it (a relative backing file is taken
     relative to the directory of the image that names it).
     ``backing_file``: the string stored in the header, possibly relative;
-    ``None`` for the base.  Sizes are in bytes.
+    ``None`` for the base.  Sizes are in bytes.  ``real_path``: the file
+    itself, no symbolic link on the way (``/var/lib/libvirt/images`` is often
+    a link to another file system); empty when it is ``path``.
     """
 
     path: str
@@ -36,6 +38,12 @@ class ChainFile:
     backing_file: str | None
     backing_format: str | None
     actual_size: int
+    real_path: str = ""
+
+    @property
+    def file(self) -> str:
+        """The path of the file itself: what is read, hashed and backed up."""
+        return self.real_path or self.path
 
 
 def read_chain(top: str, image_format: str | None = "qcow2") -> tuple[ChainFile, ...]:
@@ -65,8 +73,11 @@ def read_chain(top: str, image_format: str | None = "qcow2") -> tuple[ChainFile,
 
 
 def _chain_file(entry: dict[str, Any]) -> ChainFile:
+    path = _resolved(str(entry["filename"]))
+    real_path = os.path.realpath(path) if os.path.isabs(path) else path
     return ChainFile(
-        path=_resolved(str(entry["filename"])),
+        path=path,
+        real_path="" if real_path == path else real_path,
         format=str(entry["format"]),
         virtual_size=int(entry["virtual-size"]),
         backing_file=entry.get("backing-filename"),

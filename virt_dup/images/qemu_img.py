@@ -102,3 +102,16 @@ def chain_of(top: str) -> list[str]:
 
 def allocated_bytes(path: str) -> int:
     return os.stat(path).st_blocks * 512
+
+
+def same_content(image: str, other: str) -> bool:
+    """Whether two images show a guest the same bytes (``qemu-img compare``, which
+    reads both whole; ``-U``: also while a QEMU holds one).  Raises
+    :class:`CommandError` when they cannot be compared."""
+    try:
+        run_command(["qemu-img", "compare", "-q", "-U", image, other], timeout=QEMU_IMG_TIMEOUT_S)
+    except CommandFailed as failure:
+        if failure.returncode == 1:
+            return False
+        raise
+    return True

@@ -20,7 +20,12 @@ from virt_dup import NAMESPACE, NAMESPACE_PREFIX
 from virt_dup.config.load import Config
 from virt_dup.errors import ConfigError, LibvirtError, NotFoundError
 from virt_dup.libvirt.domain_xml import Disk, parse_disks
-from virt_dup.libvirt.metadata import Job, parse_instance_text, render_instance
+from virt_dup.libvirt.metadata import (
+    Job,
+    duplicate_job_message,
+    parse_instance_text,
+    render_instance,
+)
 
 T = TypeVar("T")
 
@@ -188,15 +193,25 @@ class Hypervisor:
             yield domain, jobs
 
     def find_job(self, job_uuid: str) -> tuple[libvirt.virDomain, Job]:
-        """The job with this uuid, in whichever domain holds it."""
+        """The job with this uuid, in whichever domain holds it.
+
+        Raises :class:`NotFoundError` when no domain has it, and
+        :class:`ConfigError` when several do (``virt-clone`` copies
+        ``<metadata>``): which one to back up is not virt-dup's guess.
+        """
         wanted = job_uuid.strip().lower()
-        for domain, jobs in self.all_jobs():
-            if isinstance(jobs, ConfigError):
-                continue
-            for job in jobs:
-                if job.uuid == wanted:
-                    return domain, job
-        raise NotFoundError(f"no job {job_uuid} in any domain on {self.uri}")
+        found = [
+            (domain, job)
+            for domain, jobs in self.all_jobs()
+            if not isinstance(jobs, ConfigError)
+            for job in jobs
+            if job.uuid == wanted
+        ]
+        if not found:
+            raise NotFoundError(f"no job {job_uuid} in any domain on {self.uri}")
+        if len(found) > 1:
+            raise ConfigError(duplicate_job_message(wanted, [job.domain_name for _d, job in found]))
+        return found[0]
 
     def write_jobs(self, domain: libvirt.virDomain, jobs: list[Job]) -> None:
         """Replace the domain's virt-dup element (live and persistent) with ``jobs``.

@@ -17,7 +17,7 @@ libvirt (the generator uses it on the files in /etc/libvirt/qemu).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from lxml import etree
@@ -261,3 +261,15 @@ def render_instance(jobs: Iterable[Job]) -> str:
         for path in job.disks.paths:
             etree.SubElement(element, "path").text = path
     return etree.tostring(instance, encoding="unicode")
+
+
+def duplicate_job_message(job_uuid: str, domain_names: Sequence[str]) -> str:
+    """The one line that says a job id is in several domains, and what to do."""
+    clones = domain_names[1:]
+    fix = " && ".join(
+        f"virt-dup remove-all-jobs {name} --yes && virt-dup add-job {name}" for name in clones
+    )
+    return (
+        f"job {job_uuid} is in domains {', '.join(domain_names)} (virt-clone copies a "
+        f"domain's <metadata>): give each its own job, e.g. {fix}"
+    )

@@ -33,6 +33,7 @@ class FilePlan:
     """One chain file: where it was, where it goes, what its header names afterwards."""
 
     original: str
+    stored: str  # where the file is inside the backup
     destination: str
     format: str
     virtual_size: int
@@ -207,6 +208,7 @@ def plan_restore(
             entries.append(
                 FilePlan(
                     original=entry.path,
+                    stored=entry.stored,
                     destination=destination,
                     format=entry.format,
                     virtual_size=entry.virtual_size,

@@ -25,6 +25,7 @@ domain or job defined here).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -354,7 +355,7 @@ def fetch_metadata(
             return _read_metadata_folder(cache, f"{cache}", (cache / "folder").read_text().strip())
         except VirtDupError as error:
             log.debug("ignoring the cached metadata: %s", error)
-    local_folder = str(config.state_directory / "metadata" / source.job_uuid)
+    local_folder = os.path.realpath(config.state_directory / "metadata" / source.job_uuid)
     candidates = [folder for folder in (folder_hint, local_folder) if folder]
     if report is not None:
         report(f"reading the metadata of backup {backup_id} of job {source.job_uuid}")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from virt_dup.config.load import Config, load_config
 from virt_dup.errors import ConfigError
-from virt_dup.libvirt.metadata import Job, is_valid_uuid, parse_domain_xml
+from virt_dup.libvirt.metadata import Job, duplicate_job_message, is_valid_uuid, parse_domain_xml
 from virt_dup.systemd.schedule import cron_to_timer
 
 #: The grouping target: ``systemctl stop virt-dup.target`` stops every timer.
@@ -110,7 +110,8 @@ def render_units(config: Config, domain_files: Iterable[tuple[str, bytes]]) -> G
     and is skipped.  Pure: no I/O.
     """
     generated = GeneratedUnits()
-    seen: dict[str, str] = {}
+    seen: dict[str, list[str]] = {}
+    sources: dict[str, list[str]] = {}
     for source, data in domain_files:
         try:
             _name, _uuid, jobs = parse_domain_xml(data, source)
@@ -118,12 +119,11 @@ def render_units(config: Config, domain_files: Iterable[tuple[str, bytes]]) -> G
             generated.warnings.append(f"skipped {source}: {error}")
             continue
         for job in jobs:
-            if job.uuid in seen:
-                generated.warnings.append(
-                    f"skipped job {job.uuid} in {source}: the same id is in {seen[job.uuid]}"
-                )
+            seen.setdefault(job.uuid, []).append(job.domain_name)
+            sources.setdefault(job.uuid, []).append(source)
+            if len(seen[job.uuid]) > 1:
+                # One timer for the id: its run fails loudly until each domain has its own.
                 continue
-            seen[job.uuid] = source
             try:
                 timers = {kind: render_timer(job, kind, config, source) for kind in TIMER_KINDS}
             except ConfigError as error:
@@ -136,6 +136,11 @@ def render_units(config: Config, domain_files: Iterable[tuple[str, bytes]]) -> G
                 generated.files[unit] = text
                 for wanted_by in (TIMERS_TARGET, TARGET):
                     generated.symlinks[f"{wanted_by}.wants/{unit}"] = f"../{unit}"
+    generated.warnings += [
+        f"{', '.join(sources[job_uuid])}: {duplicate_job_message(job_uuid, names)}"
+        for job_uuid, names in seen.items()
+        if len(names) > 1
+    ]
     return generated
 
 

@@ -149,6 +149,10 @@ class BackupEnvironment:
         )
         return loaded
 
+    def lock_path(self, domain_uuid: str) -> Path:
+        """The domain's lock: the host's (virt-dup.yml's scope is system)."""
+        return Path("/run/virt-dup/locks") / f"{domain_uuid}.lock"
+
     def run_record(self, domain_uuid: str) -> Path:
         """Where an unfinished run of the domain is recorded."""
         return self.state / "runs" / f"{domain_uuid}.json"

@@ -31,7 +31,7 @@ def record() -> RunRecord:
 
 
 def test_run_record_round_trip_is_private(tmp_path: Path) -> None:
-    store = StateStore(tmp_path)
+    store = StateStore(tmp_path, tmp_path / "locks")
     store.save_run(record())
     assert store.load_run(DOMAIN) == record()
     assert store.unfinished_runs() == [record()]
@@ -47,7 +47,7 @@ def _hold_lock(
     ready: multiprocessing.synchronize.Event,
     release: multiprocessing.synchronize.Event,
 ) -> None:
-    with StateStore(Path(directory)).domain_lock(DOMAIN, "vm01"):
+    with StateStore(Path(directory), Path(directory) / "locks").domain_lock(DOMAIN, "vm01"):
         ready.set()
         release.wait(30)
 
@@ -61,7 +61,7 @@ def test_lock_held_by_another_process_times_out_clearly(tmp_path: Path) -> None:
         assert ready.wait(10)
         with (
             pytest.raises(LockTimeout) as caught,
-            StateStore(tmp_path).domain_lock(DOMAIN, "vm01", wait_seconds=0.5),
+            StateStore(tmp_path, tmp_path / "locks").domain_lock(DOMAIN, "vm01", wait_seconds=0.5),
         ):
             pass
         message = str(caught.value)
@@ -70,12 +70,12 @@ def test_lock_held_by_another_process_times_out_clearly(tmp_path: Path) -> None:
         release.set()
         holder.join(10)
     # released when the holder ends: the next run gets it at once
-    with StateStore(tmp_path).domain_lock(DOMAIN, "vm01", wait_seconds=0.5):
+    with StateStore(tmp_path, tmp_path / "locks").domain_lock(DOMAIN, "vm01", wait_seconds=0.5):
         assert (tmp_path / "locks" / f"{DOMAIN}.lock").read_text().strip() == str(os.getpid())
 
 
 def test_status_keeps_last_success_and_last_error(tmp_path: Path) -> None:
-    store = StateStore(tmp_path)
+    store = StateStore(tmp_path, tmp_path / "locks")
     job = "11111111-2222-4333-8444-555555555555"
     store.record_result(job, {"result": "success", "finished": "t1"})
     store.record_result(job, {"result": "failed", "finished": "t2", "message": "boom"})

@@ -56,6 +56,7 @@ def tree(root: Path) -> dict[str, str | None]:
 def file_plan(original: str, destination: str) -> FilePlan:
     return FilePlan(
         original=original,
+        stored=original,
         destination=destination,
         format="qcow2",
         virtual_size=1 << 30,

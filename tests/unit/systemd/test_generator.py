@@ -127,7 +127,9 @@ def test_duplicate_job_id_across_domains_is_generated_once() -> None:
         ],
     )
     assert len(generated.files) == 1
-    assert any("b.xml" in warning and "same id" in warning for warning in generated.warnings)
+    (warning,) = generated.warnings
+    assert warning.startswith("a.xml, b.xml: job 11111111-2222-4333-8444-555555555555 is in ")
+    assert "domains a, b" in warning and "virt-dup add-job b" in warning
 
 
 @pytest.mark.parametrize(
