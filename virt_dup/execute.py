@@ -46,6 +46,8 @@ MESSAGE_LINE_WIDTH = 300
 #: After the program ended, how long its output pipes may stay open (a
 #: grandchild that inherited them) before we stop reading.
 _DRAIN_TIMEOUT_S = 10.0
+#: How often a running program's time limits are looked at.
+_WATCH_INTERVAL_S = 0.5
 #: prctl(2) option: the signal a process gets when its parent thread ends.
 _PR_SET_PDEATHSIG = 1
 
@@ -85,7 +87,8 @@ class CommandFailed(CommandError):
     ``str()`` is one line (see :func:`failure_message`).  The attributes let a
     caller that knows the program say something more precise:
     ``command`` (masked shell line), ``returncode`` (negative: killed by that
-    signal; ``None``: timed out), ``stderr_tail`` (masked lines).
+    signal; ``None``: timed out or stalled, ``limit_reached`` says which),
+    ``stderr_tail`` (masked lines).
     """
 
     def __init__(
@@ -96,12 +99,14 @@ class CommandFailed(CommandError):
         returncode: int | None,
         stderr_tail: tuple[str, ...],
         stdout: str = "",
+        limit_reached: str | None = None,
     ) -> None:
         super().__init__(message)
         self.command = command
         self.returncode = returncode
         self.stderr_tail = stderr_tail
         self.stdout = stdout
+        self.limit_reached = limit_reached
 
 
 def mask(text: str, secrets: Collection[str]) -> str:
@@ -176,12 +181,13 @@ def failure_message(
     returncode: int | None,
     stderr_tail: Sequence[str],
     meanings: Mapping[int, str] | None = None,
-    timeout: float | None = None,
+    limit_reached: str | None = None,
 ) -> str:
-    """One line: ``COMMAND exited with code N: last; stderr; lines``."""
+    """One line: ``COMMAND exited with code N: last; stderr; lines``;
+    ``limit_reached``: why it was killed ("timed out after 10 s")."""
     ended = how_it_ended(returncode, meanings)
-    if returncode is None and timeout is not None:
-        ended = f"timed out after {timeout:g} s and was killed"
+    if returncode is None and limit_reached is not None:
+        ended = f"{limit_reached} and was killed"
     quoted = meaningful_lines(stderr_tail)
     return f"{command} {ended}" + (f": {'; '.join(quoted)}" if quoted else "")
 
@@ -197,7 +203,7 @@ def run(
     pass_fds: Sequence[int] = (),
     ok_codes: Collection[int] = (0,),
     exit_meanings: Mapping[int, str] | None = None,
-    cwd: str | os.PathLike[str] | None = None,
+    stall: Stall | None = None,
 ) -> Completed:
     """Run ``command`` and wait for it.
 
@@ -211,6 +217,8 @@ def run(
     without the newline) as it arrives.  ``pass_fds``: file descriptors the
     program inherits.  ``ok_codes``: exit codes that count as success.
     ``exit_meanings``: words for exit codes, quoted in the error.
+    ``stall``: how long the program may go without a sign of life (a line of
+    output, or what the caller sees of it) before it is killed as stalled.
     The program is killed (SIGKILL) when the calling thread or process dies,
     even by SIGKILL: it never outlives us.
 
@@ -222,7 +230,7 @@ def run(
     shown = command_line(argv, environment, secrets)
     logger.debug("running: %s", shown)
     started = time.monotonic()
-    process = _start(argv, shown, _child_environment(environment), input, pass_fds, cwd)
+    process = _start(argv, shown, _child_environment(environment), input, pass_fds)
     output = _Output(argv[0], _all_secrets(environment, secrets), output_handler)
     assert process.stdout is not None and process.stderr is not None
     readers = [
@@ -233,7 +241,8 @@ def run(
         assert process.stdin is not None
         data = input.encode() if isinstance(input, str) else input
         readers.append(_start_thread(_write_all, process.stdin, data))
-    returncode = _wait(process, readers, timeout)
+    watch = _Watch(timeout, stall, lambda: output.last_line)
+    returncode = _wait(process, readers, watch)
     if output.handler_errors:
         raise output.handler_errors[0]
     elapsed = time.monotonic() - started
@@ -242,10 +251,15 @@ def run(
     if returncode is not None and returncode in ok_codes:
         logger.debug("%s: exited with code %d after %.1f s", argv[0], returncode, elapsed)
         return Completed(returncode=returncode, stdout=stdout, stderr_tail=tail)
-    message = failure_message(shown, returncode, tail, exit_meanings, timeout)
+    message = failure_message(shown, returncode, tail, exit_meanings, watch.limit_reached)
     logger.debug("%s (after %.1f s)", message, elapsed)
     raise CommandFailed(
-        message, command=shown, returncode=returncode, stderr_tail=tail, stdout=stdout
+        message,
+        command=shown,
+        returncode=returncode,
+        stderr_tail=tail,
+        stdout=stdout,
+        limit_reached=watch.limit_reached,
     )
 
 
@@ -255,7 +269,6 @@ def _start(
     environment: dict[str, str] | None,
     input: str | bytes | None,
     pass_fds: Sequence[int],
-    cwd: str | os.PathLike[str] | None,
 ) -> subprocess.Popen[bytes]:
     """Start the program; :class:`CommandError` (one line) when it cannot be."""
     try:
@@ -266,7 +279,6 @@ def _start(
             stderr=subprocess.PIPE,
             env=environment,
             pass_fds=tuple(pass_fds),
-            cwd=cwd,
             # Its own session: no controlling terminal, so a program that would
             # prompt (getpass opens /dev/tty) fails at once instead of waiting
             # for a keyboard; and its own process group, so a timeout kills
@@ -296,8 +308,10 @@ class _Output:
         self.stdout_chunks: list[str] = []
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.handler_errors: list[BaseException] = []
+        self.last_line = time.monotonic()
 
     def take_stdout(self, line: str) -> None:
+        self.last_line = time.monotonic()
         self.stdout_chunks.append(line)
         if self.handler is not None and not self.handler_errors:
             try:
@@ -306,20 +320,59 @@ class _Output:
                 self.handler_errors.append(error)
 
     def take_stderr(self, line: str) -> None:
+        self.last_line = time.monotonic()
         masked = mask(line.rstrip("\n"), self.secrets)
         self.stderr_tail.append(masked)
         logger.debug("%s: %s", self.name, masked)
 
 
+@dataclass(frozen=True)
+class Stall:
+    """A program stalls when it shows no sign of life for ``seconds``: no line of
+    output, and no later ``last_sign_of_life()`` (a ``time.monotonic()`` time the
+    caller keeps, e.g. of records on a descriptor of its own)."""
+
+    seconds: float
+    last_sign_of_life: Callable[[], float] = lambda: 0.0
+
+
+class _Watch:
+    """When a program has run too long, or gone too long without a sign of life."""
+
+    def __init__(
+        self, timeout: float | None, stall: Stall | None, last_line: Callable[[], float]
+    ) -> None:
+        self.started = time.monotonic()
+        self.timeout = timeout
+        self.stall = stall
+        self.last_line = last_line
+        #: What ended it: "timed out after N s", "stalled ...", or None.
+        self.limit_reached: str | None = None
+
+    def check(self) -> bool:
+        """Whether the program must be killed now (and why, in ``limit_reached``)."""
+        now = time.monotonic()
+        if self.timeout is not None and now - self.started >= self.timeout:
+            self.limit_reached = f"timed out after {self.timeout:g} s"
+        elif self.stall is not None:
+            last = max(self.last_line(), self.stall.last_sign_of_life())
+            if now - last >= self.stall.seconds:
+                self.limit_reached = f"stalled (no sign of life for {self.stall.seconds:g} s)"
+        return self.limit_reached is not None
+
+
 def _wait(
-    process: subprocess.Popen[bytes], readers: list[threading.Thread], timeout: float | None
+    process: subprocess.Popen[bytes], readers: list[threading.Thread], watch: _Watch
 ) -> int | None:
-    """The exit code (``None``: killed at ``timeout``), once the output is read."""
+    """The exit code (``None``: killed by ``watch``), once the output is read."""
     try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(process)
-        return None
+        while True:
+            try:
+                return process.wait(timeout=_WATCH_INTERVAL_S)
+            except subprocess.TimeoutExpired:
+                if watch.check():
+                    _kill_group(process)
+                    return None
     except BaseException:  # KeyboardInterrupt included: never leave the program behind
         _kill_group(process)
         raise

@@ -1,6 +1,7 @@
 """Fixtures for integration tests against the real libvirtd (``qemu:///system``).
 
-``libvirt_conn``  (session) an open ``libvirt.virConnect``.  Skips when the
+``libvirt_conn``  an open ``libvirt.virConnect`` (the session's, reopened after a
+                  libvirtd restart).  Skips when the
                   daemon is unreachable, fails instead when ``CI=true``.
 ``make_domain``   (function) a :class:`harness.domains.DomainFactory`: call it
                   to get a running (or shut-off) throw-away domain with qcow2
@@ -27,6 +28,7 @@ At the end of the session every domain whose name carries this session's id
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -53,10 +55,11 @@ def harness_session() -> HarnessSession:
 
 
 @pytest.fixture(scope="session")
-def libvirt_conn(
+def libvirt_session(
     harness_session: HarnessSession, require: Callable[[bool, str], None]
-) -> Iterator[libvirt.virConnect]:
-    """An open connection to ``qemu:///system``, shared by the whole session.
+) -> Iterator[list[libvirt.virConnect]]:
+    """The session's connection to ``qemu:///system``, in a one-item list that
+    :func:`libvirt_conn` replaces when a disruptive test restarted libvirtd.
 
     Skips (fails with ``CI=true``) when the daemon does not answer.  At the
     end of the session it removes every domain left over from this session,
@@ -66,14 +69,14 @@ def libvirt_conn(
     # exception carries the message already.
     libvirt.registerErrorHandler(lambda _context, _error: None, None)
     try:
-        conn = libvirt.open(LIBVIRT_URI)
+        holder = [libvirt.open(LIBVIRT_URI)]
     except libvirt.libvirtError as error:
         require(False, f"libvirtd not reachable at {LIBVIRT_URI} ({error}); run scripts/setup")
         raise
     try:
-        yield conn
+        yield holder
     finally:
-        conn.close()
+        holder[0].close()
         # Sweep through a fresh connection: a disruptive test may have
         # restarted libvirtd, which breaks every open one.
         sweeper = libvirt.open(LIBVIRT_URI)
@@ -81,6 +84,19 @@ def libvirt_conn(
             sweep_session(sweeper, harness_session.id, harness_session.images_root)
         finally:
             sweeper.close()
+
+
+@pytest.fixture
+def libvirt_conn(libvirt_session: list[libvirt.virConnect]) -> libvirt.virConnect:
+    """An open connection to ``qemu:///system`` (the session's; opened anew after a
+    disruptive test restarted libvirtd, which breaks every open one)."""
+    try:
+        libvirt_session[0].getLibVersion()
+    except libvirt.libvirtError:
+        with contextlib.suppress(libvirt.libvirtError):
+            libvirt_session[0].close()
+        libvirt_session[0] = libvirt.open(LIBVIRT_URI)
+    return libvirt_session[0]
 
 
 def _directory_label(node_name: str) -> str:

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import libvirt
 import pytest
-from harness.domains import DiskSpec, ScratchDomain
+from harness.domains import DiskSpec, ScratchDomain, restart_libvirtd
 
 from virt_dup import NAMESPACE
 
@@ -294,25 +292,6 @@ def test_hostile_metadata_is_refused_and_not_overwritten(make_domain, config: Pa
     # list-jobs keeps going and says which domain it skipped
     listing = virt_dup(config, "list-jobs")
     assert vm.name in listing.stderr and "skipped" in listing.stderr
-
-
-def restart_libvirtd(require) -> None:
-    """Stop the libvirtd that scripts/setup started (by its pid file) and start it again."""
-    pid_file = Path("/run/libvirtd.pid")
-    require(pid_file.exists(), "libvirtd was not started by scripts/setup (no /run/libvirtd.pid)")
-    pid = int(pid_file.read_text().strip())
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 60
-    while Path(f"/proc/{pid}").exists():
-        assert time.monotonic() < deadline, f"libvirtd (pid {pid}) did not stop"
-        time.sleep(0.1)
-    subprocess.run(["libvirtd", "-d"], check=True)
-    deadline = time.monotonic() + 60
-    while subprocess.run(
-        ["virsh", "-c", "qemu:///system", "version"], capture_output=True, check=False
-    ).returncode:
-        assert time.monotonic() < deadline, "libvirtd did not come back"
-        time.sleep(0.2)
 
 
 @pytest.mark.disruptive

@@ -11,6 +11,7 @@ import logging
 from virt_dup.backup.recovery import recover_domain
 from virt_dup.backup.state import RunRecord, StateStore
 from virt_dup.errors import NotFoundError, VirtDupError
+from virt_dup.files import Interrupted
 from virt_dup.libvirt.connection import Hypervisor
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ def recover_all(hypervisor: Hypervisor, store: StateStore) -> tuple[list[str], l
         try:
             with store.domain_lock(domain_uuid, domain.name()):
                 done.extend(recover_domain(hypervisor, store, domain))
+        except Interrupted:
+            raise  # stopped (the domain in hand was merged first): leave the others
         except (VirtDupError, NotFoundError) as error:
             # A domain undefined (or a transient one stopped) since the listing
             # left nothing to recover, unless a run record names it.

@@ -34,14 +34,15 @@ from virt_dup.backup.overlay import (
     create_overlays,
     merge_overlay,
 )
-from virt_dup.backup.plan import Plan, check_complete, make_plan, wait_past_last_backup
+from virt_dup.backup.plan import DiskPlan, Plan, check_complete, make_plan, wait_past_last_backup
 from virt_dup.backup.recovery import recover_domain
 from virt_dup.backup.state import RunRecord, StateStore
 from virt_dup.config.load import Config
+from virt_dup.config.options import interval_length
 from virt_dup.duplicity.collection import Collection
 from virt_dup.duplicity.protocol import BackupProgress
 from virt_dup.duplicity.runner import Duplicity
-from virt_dup.errors import VirtDupError
+from virt_dup.errors import LibvirtError, VirtDupError
 from virt_dup.files import file_errors_reported, interruptible, signals_deferred
 from virt_dup.libvirt.connection import Hypervisor
 from virt_dup.libvirt.domain_xml import parse_disks
@@ -49,6 +50,9 @@ from virt_dup.libvirt.metadata import Job
 from virt_dup.systemd import journal
 
 log = logging.getLogger(__name__)
+
+#: Merges of one disk, when libvirtd went away during one (reconnecting in between).
+_MERGE_ATTEMPTS = 3
 
 
 class RunFailed(VirtDupError):
@@ -234,8 +238,13 @@ class _Run:
         files = {f.file: os.stat(f.file).st_size for disk in plan.disks for f in disk.selected}
         files |= {os.fspath(path): path.stat().st_size for path in metadata.iterdir()}
         includes = [*dict.fromkeys(f.file for disk in plan.disks for f in disk.selected)]
+        stall = plan.options.stall_timeout
         stats = self.duplicity.backup(
-            plan.target, [*includes, os.fspath(metadata)], full=plan.full, progress=self.progress
+            plan.target,
+            [*includes, os.fspath(metadata)],
+            full=plan.full,
+            progress=self.progress,
+            stall_seconds=interval_length(stall).total_seconds() if stall else None,
         )
         check_complete(stats, files)
         result.bytes_read = stats.bytes_read
@@ -251,11 +260,25 @@ class _Run:
         self._save(record)
         merge_errors = []
         for disk in plan.disks:
+            try:
+                self._merge_disk(disk, record)
+            except VirtDupError as error:
+                merge_errors.append(f"disk {disk.target}: {error}")
+        if merge_errors:
+            raise VirtDupError(
+                "overlays not merged back, recovery will retry: " + "; ".join(merge_errors)
+            )
+        self._save(record, clear=True)
 
-            def merged(target: str = disk.target) -> None:
-                record.merged.append(target)
-                self._save(record)
+    def _merge_disk(self, disk: DiskPlan, record: RunRecord) -> None:
+        """Merge one disk back; a libvirtd restarted meanwhile (an upgrade, an admin)
+        is reconnected to, for a bounded time, and the merge tried again."""
 
+        def committed() -> None:
+            record.committed.append(disk.target)
+            self._save(record)
+
+        for attempt in range(_MERGE_ATTEMPTS):
             try:
                 merge_overlay(
                     self.hypervisor,
@@ -264,16 +287,16 @@ class _Run:
                     disk.overlay,
                     disk.original_top,
                     MERGE_TIMEOUT_SECONDS,
-                    committed=disk.target in record.merged,
-                    on_merged=merged,
+                    committed=disk.target in record.committed,
+                    on_committed=committed,
                 )
-            except VirtDupError as error:
-                merge_errors.append(f"disk {disk.target}: {error}")
-        if merge_errors:
-            raise VirtDupError(
-                "overlays not merged back, recovery will retry: " + "; ".join(merge_errors)
-            )
-        self._save(record, clear=True)
+                return
+            except LibvirtError:
+                if self.hypervisor.alive() or attempt + 1 == _MERGE_ATTEMPTS:
+                    raise
+            log.warning("libvirt went away during the merge of disk %s; reconnecting", disk.target)
+            self.hypervisor.reconnect()
+            self.domain = self.hypervisor.domain(record.domain_uuid)
 
     def _save(self, record: RunRecord, *, clear: bool = False) -> None:
         """Write (or ``clear``) the run record where nothing may depend on it: the

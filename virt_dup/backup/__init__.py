@@ -1,1 +1,1 @@
-"""backup"""
+"""A backup run's parts: plan, overlays, manifest, run state, recovery."""

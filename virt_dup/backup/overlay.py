@@ -36,7 +36,13 @@ from virt_dup.errors import CommandError, LibvirtError, NotFoundError, VirtDupEr
 from virt_dup.images.chain import read_chain
 from virt_dup.images.qemu_img import run_qemu_img, same_content
 from virt_dup.libvirt.connection import ACTIVE_COMMIT, DiskOperations, Hypervisor, is_agent_error
-from virt_dup.libvirt.domain_xml import Disk, disk_pointed_at, snapshot_xml
+from virt_dup.libvirt.domain_xml import (
+    Disk,
+    definition_pointed_at,
+    disk_pointed_at,
+    parse_disks,
+    snapshot_xml,
+)
 from virt_dup.libvirt.metadata import is_valid_uuid
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,9 @@ _OVERLAY_NAME = re.compile(
 _POLL_INTERVAL_S = 0.05
 #: How long a failed block job call waits to see whether the domain is stopping.
 _STOP_GRACE_S = 5.0
+#: How long an offline commit retries while a QEMU that just exited still holds
+#: the image's lock (it takes QEMU 1-1.5 s here to exit after a destroy).
+_LOCK_RETRY_S = 10.0
 #: Rounds of merge_overlay: each power-state change during a merge costs one.
 _MERGE_ROUNDS = 6
 #: How long a blockcommit may take to reach READY before a merge gives up (and
@@ -63,7 +72,7 @@ class BlockJobBusy(LibvirtError):
     """Another block job runs on the disk: the overlay cannot be merged now."""
 
 
-class OverlayRefused(VirtDupError):
+class OverlayRefused(LibvirtError):
     """No overlay was made (and none may be merged or deleted): a disk already runs
     on one, an overlay-named file is in the way, the disk is no qcow2 file, or
     the guest could not be frozen when that is required."""
@@ -253,7 +262,7 @@ def merge_overlay(
     *,
     bandwidth: int = 0,
     committed: bool = False,
-    on_merged: Callable[[], None] | None = None,
+    on_committed: Callable[[], None] | None = None,
 ) -> None:
     """Put disk ``target`` back on ``original_top`` with every write kept; delete the overlay.
 
@@ -275,9 +284,10 @@ def merge_overlay(
     overlay is kept (:class:`OverlayKept`): no definition uses it, yet it
     may hold guest writes (a shut-off domain started and stopped during the
     backup, then defined on its original top by someone else).
-    ``on_merged`` is called once the commit is done and every definition is
-    back on ``original_top``, before the overlay is deleted (the run records
-    it).
+    ``on_committed`` is called as soon as the commit is done (the pivot, or
+    ``qemu-img commit``), before any definition is changed and before the
+    overlay is deleted: the run records it, so a merge interrupted after it
+    deletes the overlay without a look.
 
     Raises :class:`LibvirtError` (blockcommit not ready in time: aborted,
     the disk stays on the overlay, a later call retries), :class:`CommandError`
@@ -295,21 +305,25 @@ def merge_overlay(
         )
         if live is not None and _same_file(live, overlay_path):
             _require_overlay_file(name, target, overlay_path, original_top)
-            committed |= _commit_live(operations, target, deadline, timeout_s, bandwidth)
+            if _commit_live(operations, target, deadline, timeout_s, bandwidth):
+                committed = True
+                if on_committed is not None:
+                    on_committed()
         elif persistent is not None and _same_file(persistent, overlay_path):
             if not active:
                 _require_overlay_file(name, target, overlay_path, original_top)
                 if not _commit_offline(operations, overlay_path, timeout_s):
                     continue  # started meanwhile: the next round commits live
                 committed = True
+                if on_committed is not None:
+                    on_committed()
+                _point_saved_state_at(operations, target, overlay_path, original_top)
             # Live already on original_top (or just committed offline): fix the definition.
             _point_definition_at(operations, target, original_top)
         else:
             _check_back_on(name, target, original_top, live=live, persistent=persistent)
             if os.path.lexists(overlay_path):
                 _check_merged(name, target, overlay_path, original_top, committed)
-                if on_merged is not None:
-                    on_merged()
                 _delete(overlay_path)
             return
     raise LibvirtError(
@@ -364,7 +378,13 @@ def _commit_live(
                 f"(type {info.get('type')}); cannot merge the overlay now"
             )
         if not _pivot_when_ready(operations, target, deadline, timeout_s, what):
-            return False  # the job vanished (aborted by someone): the caller looks again
+            if not operations.is_active():
+                return False  # stopped meanwhile: the caller merges offline
+            raise LibvirtError(
+                f"domain {name}: disk {target}: the blockcommit of the overlay ended without "
+                "a pivot (aborted, or failed in QEMU: see the domain's log); the disk stays "
+                "on the overlay until the next attempt"
+            )
     except (MergeNotReady, BlockJobBusy):
         raise
     except LibvirtError:
@@ -396,10 +416,11 @@ def _pivot_when_ready(
         info = operations.block_job(target, what)
         if info is None:
             return False
-        # libvirt reports cur == end once QEMU has mirrored everything; it may
-        # still refuse the pivot ("not ready for pivot yet") for a moment,
-        # until it has handled QEMU's READY event.
-        if info["cur"] == info["end"] and operations.pivot(target, what):
+        # The pivot is asked for at every look, not only when cur == end: under
+        # sustained guest writes QEMU's job is READY (and can pivot) while cur
+        # keeps trailing end.  libvirt refuses it ("not ready for pivot yet")
+        # until QEMU has reported READY.
+        if operations.pivot(target, what):
             return True
         if time.monotonic() > deadline:
             operations.abort_block_job(target, what)
@@ -418,13 +439,19 @@ def _commit_offline(operations: DiskOperations, overlay: str, timeout_s: float) 
     write and the definition still points at it; the next attempt finishes.
     """
     started = time.monotonic()
-    try:
-        run_qemu_img("commit", "-q", "-f", "qcow2", overlay, timeout_s=timeout_s)
-    except CommandError:
-        # A domain started meanwhile holds the overlay's lock; commit it live instead.
-        if operations.is_active():
-            return False
-        raise
+    attempt_until = started + _LOCK_RETRY_S
+    while True:
+        try:
+            run_qemu_img("commit", "-q", "-f", "qcow2", overlay, timeout_s=timeout_s)
+            break
+        except CommandError as error:
+            # A domain started meanwhile holds the overlay's lock: commit it live.
+            if operations.is_active():
+                return False
+            # A QEMU that was just destroyed may hold its image locks a moment longer.
+            if "lock" not in str(error) or time.monotonic() > attempt_until:
+                raise
+            time.sleep(_POLL_INTERVAL_S * 4)
     log.info(
         "domain %s: overlay %s committed offline in %.3fs",
         operations.name,
@@ -432,6 +459,26 @@ def _commit_offline(operations: DiskOperations, overlay: str, timeout_s: float) 
         time.monotonic() - started,
     )
     return True
+
+
+def _point_saved_state_at(
+    operations: DiskOperations, target: str, overlay: str, original_top: str
+) -> None:
+    """A domain managed-saved during the backup (``virsh managedsave``,
+    libvirt-guests suspending it) resumes from a saved state whose definition
+    names the overlay: once the overlay is committed, that definition names
+    ``original_top`` instead, so the guest's memory is kept and the overlay can
+    go.  (The committed ``original_top`` shows the guest exactly the data the
+    overlay showed.)"""
+    if not operations.has_managed_save():
+        return
+    saved = operations.managed_save_xml()
+    where = f"the saved state of domain {operations.name}"
+    for disk in parse_disks(saved, where):
+        if disk.target == target and disk.source and _same_file(disk.source, overlay):
+            xml = definition_pointed_at(saved, target, original_top, where)
+            operations.define_managed_save(xml, f"cannot point {where} at {original_top}")
+            log.info("domain %s: saved state now on %s", operations.name, original_top)
 
 
 def _point_definition_at(operations: DiskOperations, target: str, source: str) -> None:

@@ -22,6 +22,7 @@ import libvirt
 from virt_dup.backup.overlay import MERGE_TIMEOUT_SECONDS, is_virt_dup_overlay, merge_overlay
 from virt_dup.backup.state import StateStore
 from virt_dup.errors import VirtDupError
+from virt_dup.files import signals_deferred
 from virt_dup.images.chain import read_chain
 from virt_dup.libvirt.connection import Hypervisor
 
@@ -38,14 +39,26 @@ def recover_domain(
 
     The caller holds the domain's lock.  Raises :class:`VirtDupError` when an
     overlay cannot be merged (the record then stays for the next attempt).
+    SIGTERM/SIGINT wait until the domain is merged (no block job is left
+    mirroring), then raise :class:`~virt_dup.files.Interrupted`.
     """
+    with signals_deferred("recovery stopped after merging"):
+        return _recover_domain(hypervisor, store, domain, timeout_seconds)
+
+
+def _recover_domain(
+    hypervisor: Hypervisor,
+    store: StateStore,
+    domain: libvirt.virDomain,
+    timeout_seconds: float,
+) -> list[str]:
     done: list[str] = []
     record = store.load_run(domain.UUIDString())
     if record is not None:
         for planned in record.disks:
 
-            def merged(target: str = planned.target) -> None:
-                record.merged.append(target)
+            def committed(target: str = planned.target) -> None:
+                record.committed.append(target)
                 store.save_run(record)
 
             merge_overlay(
@@ -55,8 +68,8 @@ def recover_domain(
                 planned.overlay,
                 planned.original_top,
                 timeout_seconds,
-                committed=planned.target in record.merged,
-                on_merged=merged,
+                committed=planned.target in record.committed,
+                on_committed=committed,
             )
             done.append(
                 f"domain {domain.name()}: disk {planned.target} back on {planned.original_top} "

@@ -50,9 +50,10 @@ class RunRecord:
     full: bool
     phase: str  # planned -> overlays -> backup -> merge
     disks: tuple[DiskPlan, ...] = ()
-    #: Disks whose overlay is merged (committed, every definition back on the
-    #: original top); only their overlays may be deleted without a look.
-    merged: list[str] = field(default_factory=list)
+    #: Disks whose overlay is committed into the original top (the pivot or
+    #: qemu-img commit is done): their overlays hold nothing the top lacks and
+    #: may be deleted, once every definition names the top again, without a look.
+    committed: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "disks": [disk.as_json() for disk in self.disks]}

@@ -288,6 +288,14 @@ OPTIONS: tuple[Option, ...] = (
         "auto",
     ),
     Option(
+        "stall_timeout",
+        parse_interval,
+        "INTERVAL",
+        "Stop a backup whose duplicity shows no progress for this long (a backend that "
+        "stopped answering): the overlays are merged back and the run fails.",
+        "30m",
+    ),
+    Option(
         "description",
         parse_text,
         "TEXT",
@@ -319,6 +327,7 @@ class JobOptions:
     max_age: str | None = None
     disable_if_powered_off: bool | None = None
     quiesce: str | None = None
+    stall_timeout: str | None = None
     description: str | None = None
 
     def set_values(self) -> dict[str, Any]:
@@ -343,6 +352,7 @@ BUILTIN_DEFAULTS = JobOptions(
     incremental_retention=1,
     disable_if_powered_off=False,
     quiesce="auto",
+    stall_timeout="30m",
 )
 
 assert {f.name for f in dataclasses.fields(JobOptions)} == set(OPTIONS_BY_NAME)

@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,7 +37,14 @@ from virt_dup.duplicity.protocol import (
 )
 from virt_dup.duplicity.target import Target, environment, secrets
 from virt_dup.errors import CommandError, VirtDupError
-from virt_dup.execute import CommandFailed, Completed, how_it_ended, meaningful_lines, run
+from virt_dup.execute import (
+    CommandFailed,
+    Completed,
+    Stall,
+    how_it_ended,
+    meaningful_lines,
+    run,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +119,14 @@ class Duplicity:
         full: bool,
         source_root: str = "/",
         progress: Callable[[BackupProgress], None] | None = None,
+        stall_seconds: float | None = None,
     ) -> BackupStats:
         """A ``full`` backup, or an incremental one onto the newest chain, of
         ``include_paths`` (see :func:`~.arguments.backup_arguments`); returns its
         statistics.  ``progress`` is called after each volume with the bytes
-        read so far.  Raises :class:`CommandError` (one line) when duplicity fails.
+        read so far.  ``stall_seconds``: how long duplicity may show no
+        progress (a dead backend) before it is stopped.  Raises
+        :class:`CommandError` (one line) when duplicity fails.
         """
 
         def on_record(record: LogRecord) -> None:
@@ -131,6 +142,7 @@ class Duplicity:
             ),
             "backup to",
             on_record=on_record,
+            stall_seconds=stall_seconds,
         )
         values = parse_backup_statistics(result.completed.stdout)
         kind = "full" if full else "incremental"
@@ -248,19 +260,24 @@ class Duplicity:
         what: str,
         *,
         on_record: Callable[[LogRecord], None] | None = None,
+        stall_seconds: float | None = None,
     ) -> _Run:
         """Run ``duplicity *build(log_fd)`` with a pipe on ``log_fd``.
 
         ``what`` names the action in errors ("backup to", "restore from").
-        Records reach ``on_record`` as duplicity writes them.  Raises
-        :class:`CommandError` with one line saying what failed and why.
+        Records reach ``on_record`` as duplicity writes them.  With
+        ``stall_seconds`` duplicity is killed when it writes nothing (no
+        output, no record) for that long.  Raises :class:`CommandError` with
+        one line saying what failed and why.
         """
         if target.tempdir is not None:
             target.tempdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         read_end, write_end = os.pipe()
         records: list[LogRecord] = []
+        alive = [time.monotonic()]
+        stall = None if stall_seconds is None else Stall(stall_seconds, lambda: alive[0])
         reader = threading.Thread(
-            target=_read_records, args=(read_end, records, on_record), daemon=True
+            target=_read_records, args=(read_end, records, on_record, alive), daemon=True
         )
         reader.start()
         try:
@@ -273,6 +290,7 @@ class Duplicity:
                     output_handler=_log_output,
                     pass_fds=(write_end,),
                     exit_meanings=EXIT_MEANINGS,
+                    stall=stall,
                 )
             finally:
                 os.close(write_end)
@@ -293,7 +311,10 @@ def restore_path_missing(error: CommandError) -> bool:
 
 
 def _read_records(
-    read_end: int, records: list[LogRecord], on_record: Callable[[LogRecord], None] | None
+    read_end: int,
+    records: list[LogRecord],
+    on_record: Callable[[LogRecord], None] | None,
+    alive: list[float],
 ) -> None:
     parser = LogParser()
 
@@ -309,6 +330,7 @@ def _read_records(
 
     with os.fdopen(read_end, encoding="utf-8", errors="replace") as stream:
         for line in stream:
+            alive[0] = time.monotonic()
             take(parser.feed(line.rstrip("\n")))
     take(parser.flush())
 
@@ -325,6 +347,8 @@ def _failure_message(
     where = target.display_url
     errors = [record for record in records if record.level == "ERROR"]
     code = failure.returncode
+    if code is None and failure.limit_reached:
+        return f"duplicity {what} {where} {failure.limit_reached} and was stopped"
     if code is None or code < 0:
         return f"duplicity {what} {where} {how_it_ended(code)}"
     reason = _reason(errors[-1]) if errors else _join(meaningful_lines(failure.stderr_tail))

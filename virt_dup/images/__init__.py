@@ -1,1 +1,1 @@
-"""images"""
+"""Disk images: backing chains and depth selection (chain), qemu-img (qemu_img)."""

@@ -11,6 +11,9 @@ with one line that says what failed on what.
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -28,6 +31,34 @@ from virt_dup.libvirt.metadata import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+#: Keepalive: a probe every 5 s, the connection closed after 6 unanswered (30 s).
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_COUNT = 6
+#: How long a lost connection is tried again (libvirtd restarting after an upgrade).
+RECONNECT_WAIT_S = 60.0
+
+_event_loop_started = threading.Event()
+
+
+def _start_event_loop() -> None:
+    """libvirt's own event loop in a daemon thread, once per process: keepalive
+    needs one (without it a dead libvirtd is only noticed by the next call,
+    and a hung one never)."""
+    if _event_loop_started.is_set():
+        return
+    _event_loop_started.set()
+    libvirt.virEventRegisterDefaultImpl()
+    # A timer keeps the loop from blocking before the first connection exists.
+    libvirt.virEventAddTimeout(60_000, lambda _timer, _opaque: None, None)
+
+    def run() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    threading.Thread(target=run, name="libvirt-events", daemon=True).start()
 
 
 def _ignore_libvirt_error(_context: object, _error: object) -> None:
@@ -46,40 +77,56 @@ def _message(error: libvirt.libvirtError) -> str:
 class Hypervisor:
     """A libvirt connection with the operations virt-dup needs."""
 
-    def __init__(self, connection: libvirt.virConnect) -> None:
+    def __init__(
+        self,
+        connection: libvirt.virConnect,
+        reopen: Callable[[], libvirt.virConnect] | None = None,
+    ) -> None:
         self.connection = connection
+        self._reopen = reopen
 
     @classmethod
     def open(cls, config: Config) -> Hypervisor:
-        """Connect as virt-dup.yml says (URI, optional username and password file).
+        """Connect as virt-dup.yml says (URI, optional username and password file),
+        with keepalive: a libvirtd that stops answering is noticed in seconds.
 
         Raises :class:`LibvirtError` naming the URI when libvirtd does not answer.
         """
-        uri = config.libvirt_uri
-        settings = config.libvirt
-        password = settings.password
-        if settings.password_file is not None:
-            try:
-                password = settings.password_file.read_text().rstrip("\n")
-            except OSError as error:
-                raise ConfigError(
-                    f"{config.path}: libvirt.password_file: cannot read "
-                    f"{settings.password_file}: {error.strerror}"
-                ) from None
+        _start_event_loop()
+
+        def connect() -> libvirt.virConnect:
+            connection = _connect(config)
+            with contextlib.suppress(libvirt.libvirtError):
+                connection.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+            return connection
+
+        return cls(connect(), connect)
+
+    def alive(self) -> bool:
+        """Whether libvirtd still answers on this connection."""
         try:
-            if settings.username is None and password is None:
-                # openAuth(uri, None, ...) segfaults in libvirt-python; open() is the same call.
-                if settings.flags & libvirt.VIR_CONNECT_RO:
-                    connection = libvirt.openReadOnly(uri)
-                else:
-                    connection = libvirt.open(uri)
-            else:
-                connection = libvirt.openAuth(
-                    uri, _credentials(settings.username, password), settings.flags
-                )
-        except libvirt.libvirtError as error:
-            raise LibvirtError(f"cannot connect to libvirt at {uri}: {_message(error)}") from None
-        return cls(connection)
+            self.connection.getLibVersion()
+        except libvirt.libvirtError:
+            return False
+        return True
+
+    def reconnect(self, wait_s: float = RECONNECT_WAIT_S) -> None:
+        """Open the connection again (libvirtd was restarted: a package upgrade, an
+        admin), trying for up to ``wait_s`` seconds.  Domain objects of the old
+        connection are dead: look them up again.  Raises :class:`LibvirtError`."""
+        if self._reopen is None:
+            raise LibvirtError("the libvirt connection is lost and this one cannot be reopened")
+        self.close()
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self.connection = self._reopen()
+                log.warning("reconnected to libvirt at %s", self.uri)
+                return
+            except LibvirtError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
@@ -239,6 +286,35 @@ class Hypervisor:
         )
 
 
+def _connect(config: Config) -> libvirt.virConnect:
+    """A new connection as virt-dup.yml says; raises :class:`LibvirtError`."""
+    uri = config.libvirt_uri
+    settings = config.libvirt
+    password = settings.password
+    if settings.password_file is not None:
+        try:
+            password = settings.password_file.read_text().rstrip("\n")
+        except OSError as error:
+            raise ConfigError(
+                f"{config.path}: libvirt.password_file: cannot read "
+                f"{settings.password_file}: {error.strerror}"
+            ) from None
+    try:
+        if settings.username is None and password is None:
+            # openAuth(uri, None, ...) segfaults in libvirt-python; open() is the same call.
+            if settings.flags & libvirt.VIR_CONNECT_RO:
+                connection = libvirt.openReadOnly(uri)
+            else:
+                connection = libvirt.open(uri)
+        else:
+            connection = libvirt.openAuth(
+                uri, _credentials(settings.username, password), settings.flags
+            )
+    except libvirt.libvirtError as error:
+        raise LibvirtError(f"cannot connect to libvirt at {uri}: {_message(error)}") from None
+    return connection
+
+
 def _looks_like_uuid(text: str) -> bool:
     import uuid
 
@@ -321,6 +397,20 @@ class DiskOperations:
     def abort_block_job(self, target: str, what: str) -> None:
         """Cancel the block job on ``target`` (the disk stays where it was)."""
         self.hypervisor.call(what, self.domain.blockJobAbort, target, 0)
+
+    def has_managed_save(self) -> bool:
+        """Whether the domain was saved with its memory (``virsh managedsave``,
+        libvirt-guests ``ON_SHUTDOWN=suspend``): its next start resumes from it."""
+        what = f"cannot read the state of domain {self.name}"
+        return bool(self.hypervisor.call(what, self.domain.hasManagedSaveImage, 0))
+
+    def managed_save_xml(self) -> str:
+        what = f"cannot read the saved state of domain {self.name}"
+        return str(self.hypervisor.call(what, self.domain.managedSaveGetXMLDesc, 0))
+
+    def define_managed_save(self, xml: str, what: str) -> None:
+        """Replace the definition inside the managed save image (same ABI)."""
+        self.hypervisor.call(what, self.domain.managedSaveDefineXML, xml, 0)
 
     def define_disk(self, disk_xml: str, what: str) -> None:
         """Replace one ``<disk>`` of the persistent definition (by its target)."""

@@ -247,18 +247,32 @@ def point_disk_at(disk: etree._Element, path: str, image_format: str | None = No
         driver.set("type", image_format)
 
 
+def definition_pointed_at(domain_xml: str, target: str, path: str, where: str) -> str:
+    """The whole ``domain_xml`` with disk ``target`` on the file ``path``
+    (:func:`point_disk_at`); raises :class:`NotFoundError` without such a disk."""
+    root, _disk = _pointed_at(domain_xml, target, path, where)
+    return str(etree.tostring(root, encoding="unicode"))
+
+
 def disk_pointed_at(domain_xml: str, target: str, path: str, where: str) -> str:
-    """The ``<disk>`` ``target`` of ``domain_xml`` (a persistent definition) on the
-    file ``path`` (:func:`point_disk_at`), as XML for libvirt's device update.
+    """The ``<disk>`` ``target`` of ``domain_xml`` on the file ``path``
+    (:func:`point_disk_at`), as XML for libvirt's device update.
 
     Raises :class:`NotFoundError` when the definition has no such disk.
     """
+    _root, disk = _pointed_at(domain_xml, target, path, where)
+    return str(etree.tostring(disk, encoding="unicode"))
+
+
+def _pointed_at(
+    domain_xml: str, target: str, path: str, where: str
+) -> tuple[etree._Element, etree._Element]:
     root = parse_xml(domain_xml, where)
     disk = disk_element(root, target)
     if disk is None:
-        raise NotFoundError(f"{where} has no disk {target} in its persistent definition")
+        raise NotFoundError(f"{where} has no disk {target}")
     point_disk_at(disk, path)
-    return str(etree.tostring(disk, encoding="unicode"))
+    return root, disk
 
 
 def _detach(element: etree._Element) -> None:

@@ -1,1 +1,1 @@
-"""restore"""
+"""Restores: the plan (pure), the workspace on disk, where the backups are (sources)."""

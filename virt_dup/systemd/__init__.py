@@ -1,1 +1,1 @@
-"""systemd"""
+"""systemd: the manager (pystemd), cron as OnCalendar=, the generator, units, journal."""

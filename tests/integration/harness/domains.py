@@ -38,10 +38,11 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -631,3 +632,25 @@ def domain_xml(
         channel = ElementTree.SubElement(devices, "channel", type="unix")
         ElementTree.SubElement(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
     return ElementTree.tostring(root, encoding="unicode")
+
+
+def restart_libvirtd(require: Callable[[bool, str], None]) -> None:
+    """Stop the libvirtd that scripts/setup started (by its pid file) and start it again.
+
+    Every connection to it dies; the domains keep running.
+    """
+    pid_file = Path("/run/libvirtd.pid")
+    require(pid_file.exists(), "libvirtd was not started by scripts/setup (no /run/libvirtd.pid)")
+    pid = int(pid_file.read_text().strip())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, f"libvirtd (pid {pid}) did not stop"
+        time.sleep(0.1)
+    subprocess.run(["libvirtd", "-d"], check=True)
+    deadline = time.monotonic() + 60
+    while subprocess.run(
+        ["virsh", "-c", "qemu:///system", "version"], capture_output=True, check=False
+    ).returncode:
+        assert time.monotonic() < deadline, "libvirtd did not come back"
+        time.sleep(0.2)

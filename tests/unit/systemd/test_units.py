@@ -399,3 +399,19 @@ def test_a_record_refuses_field_names_the_journal_rejects(tmp_path: Path) -> Non
         journal.record("x", socket=tmp_path / "none", stream=io.StringIO(), _PID="1")
     with pytest.raises(ValueError, match="job"):
         journal.record("x", socket=tmp_path / "none", stream=io.StringIO(), job="1")
+
+
+@pytest.mark.parametrize("unit", ["virt-dup-run.conf", "virt-dup-recover.service"])
+def test_stopping_a_unit_never_cuts_a_merge_short(unit: str) -> None:
+    """SIGTERM to virt-dup alone (it stops duplicity and merges), and SIGKILL only
+    after the merge's own bound."""
+    from virt_dup.backup.overlay import MERGE_TIMEOUT_SECONDS
+
+    settings = dict(
+        line.split("=", 1)
+        for line in (REPOSITORY / "units" / unit).read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    assert settings["KillMode"] == "mixed"
+    minutes = int(settings["TimeoutStopSec"].removesuffix("min"))
+    assert minutes * 60 > MERGE_TIMEOUT_SECONDS
