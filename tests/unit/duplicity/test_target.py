@@ -160,15 +160,11 @@ def test_a_gpg_target_error_never_shows_the_password() -> None:
     assert "sftp://backup:***@host//srv/b" in str(caught.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: display_url masks every occurrence of the password")
 def test_display_url_masks_only_the_password() -> None:
     target = Target(url="sftp://u:s@host/srv", archive_dir=CACHE, name=JOB, encryption="none")
     assert target.display_url == "sftp://u:***@host/srv"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug: a percent-encoded password reaches FTP_PASSWORD still encoded"
-)
 def test_a_percent_encoded_password_reaches_duplicity_decoded() -> None:
     """duplicity unquotes a password in the URL but takes FTP_PASSWORD as it is."""
     target = Target(url="sftp://u:p%40ss@host/srv", archive_dir=CACHE, name=JOB, encryption="none")
