@@ -734,3 +734,110 @@ def test_a_domain_destroyed_during_the_backup_is_merged_offline(
     assert vm.disk_source("vda", inactive=True) == top
     assert sorted(vm.directory.rglob("*.virt-dup-*")) == []
     assert read_pattern_ok(top, 0xD7, 100 * MIB, MIB, with_backing=False)
+
+
+@pytest.mark.disruptive
+def test_a_libvirtd_restart_during_the_blockcommit_never_strands_the_domain(
+    make_domain, environment: BackupEnvironment, require
+) -> None:
+    """libvirtd goes away while QEMU commits the overlay (QEMU carries on alone,
+    and waits READY for a pivot): the run reconnects, finds the job and pivots."""
+    vm, run, duplicity = held_in_duplicity(make_domain, environment)
+    top = vm.images["vda"][-1]
+    for number in range(96):  # 96 MiB in the overlay: the commit takes a moment
+        vm.write_pattern("vda", 0x80 + number % 64, 16 * MIB + number * MIB, MIB)
+    os.kill(duplicity, signal.SIGCONT)
+    wait_for(
+        lambda: bool(vm.domain.blockJobInfo("vda", 0)) or run.poll() is not None,
+        120,
+        "the block commit",
+        interval=0.001,
+    )
+    os.kill(run.pid, signal.SIGSTOP)  # in the middle of its merge
+    try:
+        assert vm.domain.blockJobInfo("vda", 0), "the merge finished before the stop"
+        restart_libvirtd(require)
+    finally:
+        os.kill(run.pid, signal.SIGCONT)
+    make_domain.conn = libvirt.open("qemu:///system")
+    vm.domain = make_domain.conn.lookupByUUIDString(vm.uuid)
+    _output, errors = run.communicate(timeout=600)
+
+    assert run.returncode == 0, errors
+    assert_back_on_its_top(vm)
+    for number in range(96):
+        assert vm.read_pattern_ok(top, 0x80 + number % 64, 16 * MIB + number * MIB, MIB)
+
+
+# -- SIGKILL: in the offline commit of a shut-off domain, and with two disks -----------------
+
+
+def qemu_img_commit_child(pid: int) -> int | None:
+    for child in children(pid):
+        command = command_of(child)
+        if command[:1] and command[0].endswith("qemu-img") and "commit" in command:
+            return child
+    return None
+
+
+def test_sigkill_during_the_offline_commit_then_recover(
+    make_domain, environment: BackupEnvironment
+) -> None:
+    vm = make_domain(chain=["base", "vm"], size=320 * MIB, running=False)
+    base, top = vm.images["vda"]
+    fill(base, 0x22, 0, 8 * MIB)
+    job = environment.virt_dup("add-job", vm.name).stdout.strip()
+    overlay = Path(overlay_path(str(top), job))
+    run = environment.start_run(job)
+    duplicity = backup_duplicity(vm, run)
+    os.kill(duplicity, signal.SIGSTOP)
+    try:
+        fill(overlay, 0xAB, 16 * MIB, 256 * MIB)  # what a power-on during the backup writes
+    finally:
+        os.kill(duplicity, signal.SIGCONT)
+    wait_for(
+        lambda: qemu_img_commit_child(run.pid) or run.poll() is not None,
+        120,
+        "the offline commit",
+        interval=0.001,
+    )
+    os.kill(run.pid, signal.SIGKILL)
+    assert run.wait(10) == -signal.SIGKILL, "the run ended before the kill"
+    assert vm.disk_source("vda", inactive=True) == overlay
+    assert environment.run_record(vm.uuid).exists()
+
+    recovered = environment.virt_dup("recover")
+
+    assert f"domain {vm.name}: disk vda back on {top}" in recovered.stdout
+    assert vm.disk_source("vda", inactive=True) == top
+    assert sorted(vm.directory.rglob("*.virt-dup-*")) == []
+    assert not environment.run_record(vm.uuid).exists()
+    assert read_pattern_ok(top, 0xAB, 16 * MIB, 256 * MIB, with_backing=False)
+    environment.virt_dup("run", job)  # the next run succeeds
+
+
+def test_sigkill_of_a_two_disk_backup_then_recover(
+    make_domain, environment: BackupEnvironment
+) -> None:
+    vm = make_domain(chain=["base", "vm"], disks=("vda", "vdb"), size=128 * MIB, running=False)
+    for number, disk in enumerate(("vda", "vdb")):
+        fill(vm.images[disk][0], 0x20 + number, 0, 32 * MIB)
+    vm.domain.create()
+    job = environment.virt_dup("add-job", vm.name).stdout.strip()
+    run = environment.start_run(job)
+    backup_duplicity(vm, run)
+    for number, disk in enumerate(("vda", "vdb")):
+        vm.write_pattern(disk, 0xE0 + number, 64 * MIB, MIB)
+    os.kill(run.pid, signal.SIGKILL)
+    assert run.wait(10) == -signal.SIGKILL
+
+    recovered = environment.virt_dup("recover")
+
+    for number, disk in enumerate(("vda", "vdb")):
+        top = vm.images[disk][-1]
+        assert f"domain {vm.name}: disk {disk} back on {top}" in recovered.stdout
+        assert vm.disk_source(disk) == top
+        assert vm.disk_source(disk, inactive=True) == top
+        assert vm.read_pattern_ok(top, 0xE0 + number, 64 * MIB, MIB)
+    assert sorted(vm.directory.rglob("*.virt-dup-*")) == []
+    environment.virt_dup("run", job)
