@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -841,3 +842,126 @@ def test_sigkill_of_a_two_disk_backup_then_recover(
         assert vm.read_pattern_ok(top, 0xE0 + number, 64 * MIB, MIB)
     assert sorted(vm.directory.rglob("*.virt-dup-*")) == []
     environment.virt_dup("run", job)
+
+
+# -- a run during a restore of the same domain; recovery past a failing domain ---------------
+
+
+def holds_open(pid: int, path: Path) -> bool:
+    try:
+        return any(
+            os.readlink(descriptor) == os.fspath(path)
+            for descriptor in Path(f"/proc/{pid}/fd").iterdir()
+        )
+    except OSError:
+        return False
+
+
+def test_a_run_during_an_in_place_restore_waits_for_it(
+    make_domain, environment: BackupEnvironment
+) -> None:
+    vm = make_domain(chain=["base", "vm"], size=64 * MIB, running=False)
+    base, top = vm.images["vda"]
+    fill(base, 0x22, 0, 8 * MIB)
+    fill(top, 0x11, 8 * MIB, 8 * MIB)
+    job = environment.virt_dup("add-job", vm.name).stdout.strip()
+    environment.virt_dup("run", job)
+    fill(top, 0xEE, 0, MIB)  # the disk changes after the backup
+    command = [sys.executable, "-m", "virt_dup", "--config", str(environment.config)]
+    restore = subprocess.Popen(
+        [*command, "restore", vm.name, "--in-place"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment.process_environment,
+    )
+    lock = environment.lock_path(vm.uuid)
+    # Hold the restore in its duplicity while it holds the domain's lock.
+    wait_for(
+        lambda: (
+            (holds_open(restore.pid, lock) and duplicity_child(restore.pid))
+            or restore.poll() is not None
+        ),
+        60,
+        "the restore's duplicity under the lock",
+        interval=0.001,
+    )
+    held = duplicity_child(restore.pid)
+    assert held is not None, restore.communicate()
+    os.kill(held, signal.SIGSTOP)
+    try:
+        run = environment.start_run(job)
+        time.sleep(2)
+        assert run.poll() is None, run.communicate()  # waits for the domain's lock
+        assert sorted(vm.directory.rglob("*.virt-dup-*")) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(held, signal.SIGCONT)
+    restore_errors = restore.communicate(timeout=300)[1]
+    run_errors = run.communicate(timeout=300)[1]
+
+    assert restore.returncode == 0, restore_errors
+    assert run.returncode == 0, run_errors
+    assert vm.disk_source("vda", inactive=True) == top
+    assert sorted(path.name for path in top.parent.iterdir()) == ["base.qcow2", "vm.qcow2"]
+    assert not read_pattern_ok(top, 0xEE, 0, MIB, with_backing=False)  # restored, then backed up
+    assert read_pattern_ok(top, 0x11, 8 * MIB, 8 * MIB, with_backing=False)
+
+
+def test_recovery_goes_on_past_a_domain_it_cannot_merge(
+    make_domain, libvirt_conn, environment: BackupEnvironment
+) -> None:
+    """11: one domain's overlay cannot be merged now (another block job holds its
+    disk): ``recover`` says so and still recovers the next domain."""
+    hypervisor = Hypervisor(libvirt_conn)
+    busy, other = (make_domain(chain=["base", "vm"], running=False) for _ in range(2))
+    overlays = {}
+    for vm in (busy, other):
+        fill(vm.images["vda"][0], 0x22, 0, 16 * MIB)  # 16 MiB for a block pull to copy
+        vm.domain.create()
+        overlays[vm.name] = Path(overlay_path(str(vm.images["vda"][-1]), JOB))
+        create_overlays(hypervisor, vm.domain, {"vda": str(overlays[vm.name])}, "auto")
+        vm.write_pattern("vda", 0x5A, 2 * MIB, MIB)
+    # A slow block pull (64 KiB/s) on the busy domain's overlay: not virt-dup's to touch.
+    busy.domain.blockPull("vda", 64 * 1024, libvirt.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES)
+    try:
+        recovered = environment.virt_dup("recover", check=False)
+    finally:
+        busy.domain.blockJobAbort("vda", 0)
+
+    assert recovered.returncode == 1
+    assert f"domain {busy.name}: disk vda is busy with another block job" in recovered.stderr
+    assert f"domain {other.name}: disk vda back on {other.images['vda'][-1]}" in recovered.stdout
+    assert other.disk_source("vda") == other.images["vda"][-1]
+    assert not overlays[other.name].exists()
+    assert other.read_pattern_ok(other.images["vda"][-1], 0x5A, 2 * MIB, MIB)
+    # Once the other job is gone, recovery finishes the busy domain too.
+    environment.virt_dup("recover")
+    assert busy.disk_source("vda") == busy.images["vda"][-1]
+    assert busy.read_pattern_ok(busy.images["vda"][-1], 0x5A, 2 * MIB, MIB)
+
+
+def test_sigkill_of_a_shut_off_domains_backup_then_the_next_run_recovers(
+    make_domain, environment: BackupEnvironment, tmp_path: Path
+) -> None:
+    vm = make_domain(chain=["base", "vm"], size=128 * MIB, running=False)
+    base, top = vm.images["vda"]
+    fill(base, 0x22, 0, 32 * MIB)
+    job = environment.virt_dup("add-job", vm.name).stdout.strip()
+    overlay = Path(overlay_path(str(top), job))
+    run = environment.start_run(job)
+    backup_duplicity(vm, run)
+    fill(overlay, 0xE9, 64 * MIB, MIB)  # a power-on and off during the backup wrote this
+    os.kill(run.pid, signal.SIGKILL)
+    assert run.wait(10) == -signal.SIGKILL
+    before = snapshot_files([base], tmp_path / "before")
+
+    finished = environment.virt_dup("run", job)
+
+    assert f"recovered: domain {vm.name}: disk vda back on {top}" in finished.stdout
+    assert vm.disk_source("vda", inactive=True) == top
+    assert sorted(vm.directory.rglob("*.virt-dup-*")) == []
+    assert read_pattern_ok(top, 0xE9, 64 * MIB, MIB, with_backing=False)
+    restored = environment.restore_all(job, tmp_path / "restored")
+    assert sha256(restored_path(restored, base)) == sha256(before[base])
+    assert read_pattern_ok(restored_path(restored, top), 0xE9, 64 * MIB, MIB, with_backing=False)
