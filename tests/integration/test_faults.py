@@ -25,6 +25,7 @@ from harness.backups import (
     BackupEnvironment,
     children,
     command_of,
+    file_digests,
     fill,
     restored_path,
     sha256,
@@ -965,3 +966,42 @@ def test_sigkill_of_a_shut_off_domains_backup_then_the_next_run_recovers(
     restored = environment.restore_all(job, tmp_path / "restored")
     assert sha256(restored_path(restored, base)) == sha256(before[base])
     assert read_pattern_ok(restored_path(restored, top), 0xE9, 64 * MIB, MIB, with_backing=False)
+
+
+def test_a_run_killed_after_recording_its_plan_leaves_nothing_to_undo(
+    make_domain, environment: BackupEnvironment
+) -> None:
+    """SIGKILL between the run record and the snapshot (a window of milliseconds):
+    the state it leaves is made here by hand -- the record, no overlay.
+    Recovery clears the record and touches nothing; the next run backs up."""
+    from virt_dup.backup.plan import DiskPlan
+    from virt_dup.backup.state import RunRecord, StateStore
+    from virt_dup.config.load import load_config
+    from virt_dup.images.chain import read_chain
+
+    vm = make_domain(chain=["base", "vm"])
+    top = vm.images["vda"][-1]
+    job = environment.virt_dup("add-job", vm.name).stdout.strip()
+    chain = read_chain(str(top))
+    overlay = overlay_path(str(top), job)
+    record = RunRecord(
+        job_uuid=job,
+        domain_uuid=vm.uuid,
+        domain_name=vm.name,
+        started="2026-12-02T02:00:00+00:00",
+        pid=1,
+        full=True,
+        phase="planned",
+        disks=(DiskPlan("vda", chain, chain, overlay),),
+    )
+    StateStore.of(load_config(environment.config)).save_run(record)
+    before = file_digests(vm.directory)
+
+    recovered = environment.virt_dup("recover")
+
+    assert "nothing to recover" in recovered.stdout or vm.name in recovered.stdout
+    assert not environment.run_record(vm.uuid).exists()
+    assert file_digests(vm.directory) == before
+    assert vm.disk_source("vda") == top
+    environment.virt_dup("run", job)
+    assert_back_on_its_top(vm)
