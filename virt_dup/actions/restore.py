@@ -18,6 +18,7 @@ Where the files go:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ import libvirt
 
 from virt_dup.backup.state import StateStore
 from virt_dup.config.load import Config
-from virt_dup.errors import UsageError
+from virt_dup.errors import LibvirtError, UsageError
+from virt_dup.images.chain import read_chain
 from virt_dup.images.qemu_img import allocated_bytes
 from virt_dup.libvirt.connection import Hypervisor
 from virt_dup.libvirt.domain_xml import (
@@ -41,6 +43,8 @@ from virt_dup.restore.plan import (
     RestoreError,
     RestorePlan,
     bases_needed,
+    check_replacing_only,
+    check_written_only_below,
     choose_disks,
     original_destinations,
     parse_backing_options,
@@ -69,6 +73,8 @@ from virt_dup.restore.workspace import (
 from virt_dup.systemd import journal
 
 #: How long an in-place restore waits for a backup of the domain to finish.
+log = logging.getLogger(__name__)
+
 LOCK_WAIT_SECONDS = 30.0
 
 
@@ -196,7 +202,7 @@ class _Restore:
         """Plan everything (steps 1), then carry it out, all or nothing."""
         request = self.request
         domain = self._in_place_domain() if request.in_place else None
-        plan = self._plan()
+        plan = self._plan(domain)
         definition = self._definition() if request.define else None
         self.result.disks = [disk.target for disk in plan.disks]
         self.result.files = [entry.destination for entry in plan.files]
@@ -228,19 +234,40 @@ class _Restore:
             )
         return domain
 
-    def _plan(self) -> RestorePlan:
+    def _plan(self, domain: libvirt.virDomain | None) -> RestorePlan:
         request = self.request
         disks = choose_disks(self.metadata.manifest.disks, request.disks)
         targets = [disk.target for disk in disks]
         if request.target_dir and not request.in_place:
             destinations = target_dir_destinations(disks, request.target_dir)
+        elif domain is not None:
+            destinations = original_destinations(disks)
+            check_replacing_only(destinations, self._current_files(domain))
         else:
             destinations = original_destinations(disks)
+            check_written_only_below(destinations, self._image_directories())
         named = parse_backing_options(request.backing_files, targets)
         plan = plan_restore(disks, destinations, check_bases(bases_needed(disks), named))
         if not request.in_place:
             destinations_free(plan)
         return plan
+
+    def _current_files(self, domain: libvirt.virDomain) -> set[str]:
+        """Every file of the domain's current disk chains (what --in-place may replace)."""
+        files: set[str] = set()
+        for disk in self.hypervisor().disks(domain, inactive=True):
+            if disk.is_qcow2_file and disk.source and os.path.exists(disk.source):
+                files.update(chain_file.path for chain_file in read_chain(disk.source))
+            elif disk.source_type == "file" and disk.source:
+                files.add(os.path.normpath(disk.source))
+        return files
+
+    def _image_directories(self) -> list[str]:
+        try:
+            return self.hypervisor().image_directories()
+        except LibvirtError as error:  # a fresh host without libvirtd yet
+            log.info("cannot ask libvirt for its image directories: %s", error)
+            return ["/var/lib/libvirt/images"]
 
     def _definition(self) -> Definition:
         connection = self.hypervisor()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -84,7 +86,7 @@ class ManifestFile:
     def from_json(cls, entry: Mapping[str, Any]) -> ManifestFile:
         actual_size = entry.get("actual_size")
         return cls(
-            path=str(entry["path"]),
+            path=image_path(entry["path"], "file"),
             format=str(entry["format"]),
             virtual_size=int(entry["virtual_size"]),
             backing_file=entry.get("backing_file"),
@@ -92,7 +94,9 @@ class ManifestFile:
             selected=bool(entry["selected"]),
             sha256=entry.get("sha256"),
             actual_size=None if actual_size is None else int(actual_size),
-            backed_up_as=entry.get("backed_up_as"),
+            backed_up_as=None
+            if entry.get("backed_up_as") is None
+            else image_path(entry["backed_up_as"], "backed_up_as"),
         )
 
 
@@ -118,8 +122,8 @@ class ManifestDisk:
     @classmethod
     def from_json(cls, disk: Mapping[str, Any]) -> ManifestDisk:
         return cls(
-            target=str(disk["target"]),
-            top=str(disk["top"]),
+            target=disk_name(disk["target"]),
+            top=image_path(disk["top"], "top"),
             files=tuple(ManifestFile.from_json(entry) for entry in disk["files"]),
         )
 
@@ -177,6 +181,37 @@ class Manifest:
         )
 
 
+#: A disk's target dev as virt-dup names directories after it (vda, sdb, nvme0n1).
+_DISK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: What a file name in a backup may be: no directory, no NUL, bounded.
+_FILE_NAME = re.compile(r"[^/\x00]{1,255}")
+_MAX_PATH = 4096
+
+
+def disk_name(value: object) -> str:
+    """A disk target read from a backup, as a safe name (letters, digits, ``._-``,
+    no ``..``); ValueError otherwise: a backend is not trusted to name paths."""
+    if not isinstance(value, str) or not _DISK_NAME.fullmatch(value) or ".." in value:
+        raise ValueError(f"disk target {value!r} is not a name (letters, digits, ._-)")
+    return value
+
+
+def image_path(value: object, what: str) -> str:
+    """An image path read from a backup: absolute, normalized (no ``..``), no
+    NUL, a file name of at most 255 bytes, at most 4096 in all; ValueError
+    otherwise."""
+    if (
+        not isinstance(value, str)
+        or len(value) > _MAX_PATH
+        or not value.startswith("/")
+        or os.path.normpath(value) != value
+        or not _FILE_NAME.fullmatch(os.path.basename(value))
+        or os.path.basename(value) in (".", "..")
+    ):
+        raise ValueError(f"{what} {value!r} is not an absolute, normalized file path")
+    return value
+
+
 def parse_manifest(text: str, where: str) -> Manifest:
     """A :class:`Manifest` from the text of ``manifest.json``.
 
@@ -193,7 +228,9 @@ def parse_manifest(text: str, where: str) -> Manifest:
         return Manifest.from_json(data)
     except VirtDupError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+    except ValueError as error:
+        raise VirtDupError(f"{where}: not a virt-dup manifest: {error}") from None
+    except (KeyError, TypeError, AttributeError) as error:
         raise VirtDupError(f"{where}: not a virt-dup manifest: {error!r}") from None
 
 

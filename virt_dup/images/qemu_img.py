@@ -36,7 +36,8 @@ class ImageError(VirtDupError):
 
 
 def image_info(path: str) -> tuple[str, int]:
-    """(format, virtual size) of an image, its backing chain not opened."""
+    """(format, virtual size) of an image as qemu-img probes it (no format is
+    given), its backing chain not opened."""
     output = run_qemu_img("info", "--output=json", "-U", path)
     try:
         info = json.loads(output)
@@ -50,13 +51,20 @@ def check_image(path: str, image_format: str) -> str | None:
 
     Returns a warning for leaked clusters (harmless: the image is what was
     backed up); raises :class:`ImageError` for anything worse.  A format
-    qemu-img cannot check (raw) passes: its checksum is the whole check.
+    qemu-img cannot check (raw) must at least not be another format in
+    disguise: a "raw" file that probes as qcow2 could name any host file as
+    its backing file the moment something opens it without a format.
     """
+    if image_format not in ("qcow2", "qed", "vmdk", "vdi", "vhdx", "vpc"):
+        probed, _size = image_info(path)
+        if probed != image_format:
+            raise ImageError(
+                f"qemu-img: {path} is a {probed} image, the backup says {image_format}; refused"
+            )
+        return None
     spec = "json:" + json.dumps(
         {"driver": image_format, "file": {"driver": "file", "filename": path}, "backing": None}
     )
-    if image_format != "qcow2":
-        spec = path
     try:
         completed = run_command(
             ["qemu-img", "check", "-q", "-f", image_format, spec], ok_codes=(0, 3, 63)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from virt_dup.libvirt.metadata import (
     Job,
     duplicate_job_message,
     parse_instance_text,
+    parse_xml,
     render_instance,
 )
 
@@ -199,6 +201,30 @@ class Hypervisor:
 
     def disks(self, domain: libvirt.virDomain, inactive: bool = False) -> list[Disk]:
         return parse_disks(self.domain_xml(domain, inactive), f"domain {domain.name()}")
+
+    def image_directories(self) -> list[str]:
+        """Where this host keeps disk images: libvirt's default directory (of the
+        system or the session daemon), every directory storage pool's target,
+        and the directory of every file disk of every domain defined here."""
+        session = self.uri.rstrip("/").endswith("/session")
+        default = (
+            os.path.expanduser("~/.local/share/libvirt/images")
+            if session
+            else "/var/lib/libvirt/images"
+        )
+        directories = [default]
+        pools = self.call("cannot list storage pools", self.connection.listAllStoragePools, 0)
+        for pool in pools:
+            xml = self.call("cannot read a storage pool", pool.XMLDesc, 0)
+            root = parse_xml(xml, "a storage pool")
+            path = root.findtext("target/path")
+            if root.get("type") in ("dir", "fs", "netfs") and path:
+                directories.append(os.path.normpath(path))
+        for domain in self.domains():
+            for disk in self.disks(domain, inactive=True):
+                if disk.source_type == "file" and disk.source:
+                    directories.append(os.path.dirname(os.path.normpath(disk.source)))
+        return list(dict.fromkeys(directories))
 
     # -- jobs -------------------------------------------------------------
     def metadata_text(self, domain: libvirt.virDomain) -> str | None:

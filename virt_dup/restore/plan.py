@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from virt_dup.backup.manifest import ManifestDisk, ManifestFile
@@ -141,7 +141,42 @@ def target_dir_destinations(disks: Sequence[ManifestDisk], target_dir: str) -> d
                 name = f"{position}-{name}"
             taken.add(name)
             destinations[entry.path] = os.path.join(root, disk.target, name)
+    outside = [path for path in destinations.values() if not is_below(path, [root])]
+    if outside:
+        raise RestoreError(f"{', '.join(outside)}: not inside --target-dir {root}; refused")
     return destinations
+
+
+def is_below(path: str, directories: Sequence[str]) -> bool:
+    """Whether ``path`` (absolute, normalized) is inside one of ``directories``."""
+    return any(
+        os.path.commonpath([path, os.path.normpath(directory)]) == os.path.normpath(directory)
+        for directory in directories
+    )
+
+
+def check_written_only_below(destinations: Mapping[str, str], directories: Sequence[str]) -> None:
+    """A restore to the paths a backup names writes only below image directories
+    (``directories``): a backend is not trusted to choose where root writes.
+    Raises :class:`RestoreError` naming the paths and what to do."""
+    outside = sorted(path for path in destinations.values() if not is_below(path, directories))
+    if outside:
+        raise RestoreError(
+            f"{', '.join(outside)}: not below an image directory of this host "
+            f"({', '.join(directories)}: libvirt's, its storage pools', its domains' disks); "
+            "restore with --target-dir DIR"
+        )
+
+
+def check_replacing_only(destinations: Mapping[str, str], current: Collection[str]) -> None:
+    """An in-place restore replaces only files of the domain's current disk chains
+    (``current``); raises :class:`RestoreError` for any other path."""
+    others = sorted(path for path in destinations.values() if path not in current)
+    if others:
+        raise RestoreError(
+            f"{', '.join(others)}: not a file of the domain's current disks; --in-place "
+            "replaces only those (restore with --target-dir DIR)"
+        )
 
 
 def original_destinations(disks: Sequence[ManifestDisk]) -> dict[str, str]:

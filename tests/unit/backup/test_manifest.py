@@ -340,3 +340,40 @@ def test_writing_again_replaces_the_folder_contents(tmp_path: Path, plan: Plan) 
     assert data_file.sha256 == hashlib.sha256(b"changed since").hexdigest()
     assert (folder / DOMAIN_XML).read_text() == DOMAIN_DEFINITION
     assert {entry.name for entry in folder.iterdir()} == {MANIFEST, DOMAIN_XML, CHECKSUMS}
+
+
+# -- a backend is not trusted to name paths ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["../../../etc/cron.d", "/etc/cron.d", "vda/../x", "..", "", "a" * 65, "vd\x00a", "vd a"],
+)
+def test_a_disk_target_that_is_no_name_is_refused(target: str) -> None:
+    data = manifest_data()
+    data["disks"][0]["target"] = target
+    with pytest.raises(VirtDupError, match="is not a name") as caught:
+        parse_manifest(json.dumps(data), WHERE)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "vm.qcow2",
+        "../vm.qcow2",
+        "/i/../etc/cron.d/x",
+        "/i/./vm.qcow2",
+        "/i/vm.qcow2/",
+        "/i/vm\x00.qcow2",
+        "/i/" + "x" * 256,
+        "/" + "d/" * 2100 + "x",
+        "/",
+    ],
+)
+@pytest.mark.parametrize("key", ["path", "backed_up_as"])
+def test_a_file_path_that_is_not_absolute_and_normalized_is_refused(path: str, key: str) -> None:
+    data = manifest_data()
+    data["disks"][0]["files"][0][key] = path
+    with pytest.raises(VirtDupError, match="is not an absolute, normalized file path"):
+        parse_manifest(json.dumps(data), WHERE)

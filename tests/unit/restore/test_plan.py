@@ -352,3 +352,34 @@ def test_restore_usage_errors_are_one_line_and_exit_2(
 
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("virt-dup: error: ") and message in line
+
+
+# -- where a restore may write ---------------------------------------------------------------
+
+
+def test_a_target_dir_restore_stays_inside_the_target_dir() -> None:
+    from virt_dup.restore.plan import is_below
+
+    destinations = target_dir_destinations([VDA], "/srv/restore")
+    assert all(is_below(path, ["/srv/restore"]) for path in destinations.values())
+    assert not is_below("/srv/restore-evil/x", ["/srv/restore"])
+    assert not is_below("/etc/cron.d/x", ["/srv/restore"])
+
+
+def test_a_restore_to_the_backups_paths_writes_only_below_image_directories() -> None:
+    from virt_dup.restore.plan import check_written_only_below
+
+    images = ["/var/lib/libvirt/images", "/srv/vms"]
+    check_written_only_below({"a": "/var/lib/libvirt/images/sub/vm.qcow2"}, images)
+    check_written_only_below({"a": "/srv/vms/vm.qcow2"}, images)
+    with pytest.raises(RestoreError, match=r"/etc/cron.d/evil: not below an image directory"):
+        check_written_only_below({"a": "/etc/cron.d/evil", "b": "/srv/vms/ok"}, images)
+
+
+def test_in_place_replaces_only_the_domains_current_files() -> None:
+    from virt_dup.restore.plan import check_replacing_only
+
+    current = {"/i/vm.qcow2", "/i/base.qcow2"}
+    check_replacing_only({"/i/vm.qcow2": "/i/vm.qcow2"}, current)
+    with pytest.raises(RestoreError, match=r"/root/.ssh/authorized_keys: not a file of"):
+        check_replacing_only({"x": "/root/.ssh/authorized_keys"}, current)
