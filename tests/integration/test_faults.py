@@ -1005,3 +1005,32 @@ def test_a_run_killed_after_recording_its_plan_leaves_nothing_to_undo(
     assert vm.disk_source("vda") == top
     environment.virt_dup("run", job)
     assert_back_on_its_top(vm)
+
+
+# -- a backend password appears nowhere -------------------------------------------------------
+
+
+def test_a_backend_password_is_in_no_output_file_or_record(
+    make_domain, environment: BackupEnvironment
+) -> None:
+    """A job whose backend URL carries a password (sftp, here to a closed port):
+    every line virt-dup prints, every file it writes, shows it masked."""
+    secret = "hunter2-never-shown"
+    vm = make_domain(chain=["base", "vm"])
+    url = f"sftp://backup:{secret}@127.0.0.1:1/backups"
+    outputs = [environment.virt_dup("add-job", vm.name, "--backend", url)]
+    job = outputs[0].stdout.strip()
+    outputs += [
+        environment.virt_dup("list-jobs"),
+        environment.virt_dup("list-jobs", "--json"),
+        environment.virt_dup("run", job, "--dry-run", check=False),
+        environment.virt_dup("run", job, check=False),
+        environment.virt_dup("backups", vm.name, check=False),
+    ]
+    printed = "".join(finished.stdout + finished.stderr for finished in outputs)
+    assert "sftp://backup:***@127.0.0.1:1/backups" in printed
+    assert secret not in printed
+    for directory in (environment.state, environment.cache):
+        for path in directory.rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path

@@ -132,7 +132,7 @@ def job_record(job: Job, config: Config, domain: libvirt.virDomain | None = None
         "job": job.uuid,
         "uuid_derived": job.uuid_derived,
         "disks": {"devs": list(job.disks.devs), "paths": list(job.disks.paths)},
-        "options": {name: _jsonable(value) for name, value in effective.set_values().items()},
+        "options": {name: _jsonable(value) for name, value in effective.shown_values().items()},
         "set_on_job": sorted(job.options.set_values()),
         "timer": bool(effective.schedule or effective.full_schedule),
         "last_run": status.get("last_run"),

@@ -38,7 +38,7 @@ from virt_dup.backup.plan import DiskPlan, Plan, check_complete, make_plan, wait
 from virt_dup.backup.recovery import recover_domain
 from virt_dup.backup.state import RunRecord, StateStore
 from virt_dup.config.load import Config
-from virt_dup.config.options import interval_length
+from virt_dup.config.options import interval_length, masked_url
 from virt_dup.duplicity.collection import Collection
 from virt_dup.duplicity.protocol import BackupProgress
 from virt_dup.duplicity.runner import Duplicity
@@ -216,7 +216,7 @@ class _Run:
             raise backup_error
         self.duplicity.apply_retention(plan.target, plan.options, collection=collection_after)
         result.result = "success"
-        result.message = f"backed up {', '.join(result.disks)} to {plan.backend_url}"
+        result.message = f"backed up {', '.join(result.disks)} to {masked_url(plan.backend_url)}"
 
     def _copy(
         self, plan: Plan, record: RunRecord, result: RunResult, domain_xml: str

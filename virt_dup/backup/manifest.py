@@ -257,7 +257,7 @@ def manifest_of(plan: Plan, checksums: Mapping[str, str]) -> Manifest:
             for chain_file in disk.chain
         )
         disks.append(ManifestDisk(disk.target, disk.original_top, files))
-    options = plan.options.set_values()
+    options = plan.options.shown_values()
     return Manifest(
         domain_name=plan.job.domain_name,
         domain_uuid=plan.job.domain_uuid,

@@ -17,7 +17,7 @@ from typing import Any
 
 from virt_dup.backup.overlay import is_virt_dup_overlay, overlay_path
 from virt_dup.config.load import Config
-from virt_dup.config.options import JobOptions
+from virt_dup.config.options import JobOptions, masked_url
 from virt_dup.duplicity.cache import discard_interrupted_backup, partial_files
 from virt_dup.duplicity.collection import Collection, full_is_due
 from virt_dup.duplicity.protocol import BackupStats
@@ -91,7 +91,8 @@ class Plan:
         lines = [
             f"job {self.job.uuid} of domain {self.job.domain_name} "
             f"({'running' if self.domain_running else 'shut off'})",
-            f"backend: {self.backend_url} ({'full' if self.full else 'incremental'} backup)",
+            f"backend: {masked_url(self.backend_url)} "
+            f"({'full' if self.full else 'incremental'} backup)",
             f"depth: {self.options.depth}",
         ]
         if self.interrupted_backup:

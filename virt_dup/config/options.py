@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from virt_dup.config.cron import parse_cron
 from virt_dup.errors import ConfigError
@@ -35,6 +36,30 @@ _BACKEND_URL = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
 
 QUIESCE_POLICIES = ("auto", "required", "off")
 ENCRYPTION_MODES = ("gpg", "none")
+
+
+def split_password(url: str) -> tuple[str, str | None]:
+    """``(url without its password, password or None)``; the password as the
+    backend gets it (percent-decoding undone: duplicity takes ``FTP_PASSWORD``
+    as it is, while it would have decoded one in the URL)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url, None
+    return _with_password(url, None), unquote(parts.password)
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***`` (and nothing else)."""
+    return url if urlsplit(url).password is None else _with_password(url, "***")
+
+
+def _with_password(url: str, password: str | None) -> str:
+    parts = urlsplit(url)
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    credentials = f"{user}:{password}" if password is not None else user
+    netloc = f"{credentials}@{host}" if credentials else host
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _fail(where: str, expected: str, value: object) -> ConfigError:
@@ -329,6 +354,14 @@ class JobOptions:
     quiesce: str | None = None
     stall_timeout: str | None = None
     description: str | None = None
+
+    def shown_values(self) -> dict[str, Any]:
+        """:meth:`set_values` as they may be shown (listings, the manifest): a
+        password in a backend URL is ``***``."""
+        values = self.set_values()
+        if self.backends is not None:
+            values["backends"] = tuple(masked_url(backend) for backend in self.backends)
+        return values
 
     def set_values(self) -> dict[str, Any]:
         """The options that are set, by name, in table order."""

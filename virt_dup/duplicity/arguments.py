@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import PurePosixPath
 
-from virt_dup.duplicity.target import Target, split_password
+from virt_dup.config.options import split_password
+from virt_dup.duplicity.target import Target
 from virt_dup.duplicity.times import format_time
 
 

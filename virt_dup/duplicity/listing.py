@@ -17,8 +17,8 @@ import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from virt_dup.config.options import split_password
 from virt_dup.duplicity.runner import find_executable
-from virt_dup.duplicity.target import split_password
 from virt_dup.errors import CommandError, VirtDupError
 from virt_dup.execute import run as run_command
 from virt_dup.libvirt.metadata import is_valid_uuid

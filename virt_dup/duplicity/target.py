@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 from virt_dup.config.load import Config, read_passphrase
-from virt_dup.config.options import ENCRYPTION_MODES, JobOptions
+from virt_dup.config.options import ENCRYPTION_MODES, JobOptions, masked_url, split_password
 from virt_dup.errors import ConfigError
 
 # Defaults chosen from bench/RESULTS.md, section "duplicity settings" (1 GiB
@@ -95,30 +94,6 @@ class Target:
     def display_url(self) -> str:
         """The URL with any password replaced by ``***`` (for messages)."""
         return masked_url(self.url)
-
-
-def split_password(url: str) -> tuple[str, str | None]:
-    """``(url without its password, password or None)``; the password as the
-    backend gets it (percent-decoding undone: duplicity takes ``FTP_PASSWORD``
-    as it is, while it would have decoded one in the URL)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url, None
-    return _with_password(url, None), unquote(parts.password)
-
-
-def masked_url(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***`` (and nothing else)."""
-    return url if urlsplit(url).password is None else _with_password(url, "***")
-
-
-def _with_password(url: str, password: str | None) -> str:
-    parts = urlsplit(url)
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    credentials = f"{user}:{password}" if password is not None else user
-    netloc = f"{credentials}@{host}" if credentials else host
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def environment(target: Target) -> dict[str, str]:
