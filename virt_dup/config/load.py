@@ -272,6 +272,11 @@ class _Loader:
         randomized_delay = sections.get("randomized_delay")
         if randomized_delay is not None:
             randomized_delay = self.timespan(randomized_delay, "randomized_delay")
+        for key, secret in (
+            ("libvirt.password_file", libvirt.password_file),
+            ("encryption.passphrase_file", encryption.passphrase_file),
+        ):
+            self.check_private(key, secret)
         return Config(
             path=self.path,
             scope=scope,
@@ -284,6 +289,20 @@ class _Loader:
             randomized_delay=randomized_delay,
             notices=tuple(self.notices),
         )
+
+    def check_private(self, key: str, path: Path | None) -> None:
+        """A notice when a secret file the configuration names can be read by
+        anyone but its owner (virt-dup refuses to read such a passphrase)."""
+        if path is None:
+            return
+        try:
+            mode = path.stat().st_mode & 0o777
+        except OSError:
+            return  # a missing file is an error where it is read
+        if mode & 0o077:
+            self.notices.append(
+                f"{self.path}: {key} {path} is readable by others (mode {mode:o}): chmod 600 it"
+            )
 
     def top_level(
         self, document: dict[str, Any]

@@ -184,3 +184,17 @@ def test_libvirt_config_dir_follows_the_uri_not_the_scope(monkeypatch: pytest.Mo
     user_with_system_vms = parse_config("scope: user\nlibvirt:\n  uri: qemu:///system\n", PATH)
     assert user_with_system_vms.libvirt_config_dir == Path("/etc/libvirt/qemu")
     assert parse_config("", PATH).libvirt_config_dir == Path("/etc/libvirt/qemu")
+
+
+def test_a_secret_file_others_can_read_gets_a_notice(tmp_path: Path) -> None:
+    secret = tmp_path / "passphrase"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o640)
+    config = parse_config(f"encryption:\n  passphrase_file: {secret}\n", tmp_path / "virt-dup.yml")
+    assert any(
+        "encryption.passphrase_file" in notice and "readable by others (mode 640)" in notice
+        for notice in config.notices
+    )
+    secret.chmod(0o600)
+    config = parse_config(f"encryption:\n  passphrase_file: {secret}\n", tmp_path / "virt-dup.yml")
+    assert not any("readable by others" in notice for notice in config.notices)
