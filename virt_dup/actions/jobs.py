@@ -14,7 +14,7 @@ from typing import Any
 import libvirt
 
 from virt_dup.backup.state import StateStore
-from virt_dup.config.load import Config
+from virt_dup.config.load import Config, check_policy
 from virt_dup.config.options import OPTIONS_BY_NAME, JobOptions
 from virt_dup.errors import ConfigError, UsageError, VirtDupError
 from virt_dup.libvirt.connection import Hypervisor
@@ -57,6 +57,7 @@ def add_job(config: Config, hypervisor: Hypervisor, request: AddJobRequest) -> J
     options = parse_requested_options(request.option_values)
     for backend in options.backends or ():
         config.backend_url(backend)
+    check_policy(config, options, "the job")
     selector = DiskSelector(tuple(request.devs), tuple(request.paths))
     # The persistent definition is what later runs start from.
     select_disks(hypervisor.disks(domain, inactive=True), selector, domain.name())

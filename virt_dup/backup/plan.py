@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from virt_dup.backup.overlay import is_virt_dup_overlay, overlay_path
-from virt_dup.config.load import Config
+from virt_dup.config.load import Config, check_policy
 from virt_dup.config.options import JobOptions, masked_url
 from virt_dup.duplicity.cache import discard_interrupted_backup, partial_files
 from virt_dup.duplicity.collection import Collection, full_is_due
@@ -122,6 +122,7 @@ def make_plan(
     or incremental is decided on the collection as the backup will find it.
     ``disks``: the domain's disks in the definition it ``running`` uses.
     """
+    check_policy(config, job.options, f"job {job.uuid} of domain {job.domain_name}")
     options = job.options.over(config.defaults)
     selections = []
     for disk in select_disks(disks, job.disks, job.domain_name):

@@ -18,7 +18,13 @@ from typing import Any
 
 import yaml
 
-from virt_dup.config.options import BACKEND_NAME, BUILTIN_DEFAULTS, JobOptions, parse_options
+from virt_dup.config.options import (
+    BACKEND_NAME,
+    BUILTIN_DEFAULTS,
+    JobOptions,
+    masked_url,
+    parse_options,
+)
 from virt_dup.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/virt-dup/virt-dup.yml")
@@ -52,6 +58,20 @@ class EncryptionSettings:
 
 
 @dataclass(frozen=True)
+class PolicySettings:
+    """What a job in domain XML may choose.  Whoever may edit a domain's
+    metadata (a libvirt ACL, not root on the host) writes jobs; the policy is
+    root's.  The defaults allow what virt-dup always allowed."""
+
+    #: False: a job may name only the backends of virt-dup.yml, no URL of its own.
+    allow_job_backend_urls: bool = True
+    #: True: ``encryption: none`` is refused.
+    require_encryption: bool = False
+    #: Not empty: the only keys a job may encrypt to.
+    allowed_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole of virt-dup.yml, validated."""
 
@@ -60,6 +80,7 @@ class Config:
     libvirt: LibvirtSettings = LibvirtSettings()
     backends: Mapping[str, str] = field(default_factory=dict)
     encryption: EncryptionSettings = EncryptionSettings()
+    policy: PolicySettings = PolicySettings()
     defaults: JobOptions = BUILTIN_DEFAULTS
     state_dir: Path | None = None
     cache_dir: Path | None = None
@@ -130,6 +151,30 @@ class Config:
             raise ConfigError(
                 f"{self.path}: backends: no backend named {name_or_url!r} ({known})"
             ) from None
+
+
+def check_policy(config: Config, own: JobOptions, where: str) -> None:
+    """Raises :class:`ConfigError` (one line naming ``where``, e.g. the job) when a
+    job's own options (``own``, as its XML sets them) break virt-dup.yml's policy."""
+    policy = config.policy
+    effective = own.over(config.defaults)
+    urls = [backend for backend in own.backends or () if "://" in backend]
+    if urls and not policy.allow_job_backend_urls:
+        raise ConfigError(
+            f"{where}: names the backend URL {masked_url(urls[0])}, and the policy of "
+            f"{config.path} lets jobs name only its backends ({', '.join(config.backends)})"
+        )
+    if policy.require_encryption and effective.encryption == "none":
+        raise ConfigError(f"{where}: encryption none, and the policy of {config.path} requires it")
+    keys = own.encryption_keys or ()
+    if policy.allowed_keys:
+        allowed = {key.upper().removeprefix("0X") for key in policy.allowed_keys}
+        for key in keys:
+            if key.upper().removeprefix("0X") not in allowed:
+                raise ConfigError(
+                    f"{where}: encrypts to key {key}, which the policy of {config.path} does "
+                    "not allow (policy.allowed_keys)"
+                )
 
 
 def read_passphrase(config: Config) -> str | None:
@@ -214,7 +259,9 @@ _TOP_LEVEL = (
     "state_dir",
     "cache_dir",
     "randomized_delay",
+    "policy",
 )
+_POLICY_KEYS = ("allow_job_backend_urls", "require_encryption", "allowed_keys")
 _LIBVIRT_KEYS = ("uri", "username", "password_file", "flags", "config_dir")
 _ENCRYPTION_KEYS = ("keys", "sign_key", "gnupg_home", "passphrase_file")
 
@@ -264,6 +311,7 @@ class _Loader:
         libvirt = self.libvirt(sections.get("libvirt"), legacy)
         backends = self.backends(sections.get("backends"), legacy.get(("backends", None)))
         encryption = self.encryption(sections.get("encryption"))
+        policy = self.policy(sections.get("policy"))
         defaults = self.defaults(sections.get("defaults"), legacy)
         for name in defaults.backends or ():
             if "://" not in name and name not in backends:
@@ -283,6 +331,7 @@ class _Loader:
             libvirt=libvirt,
             backends=backends,
             encryption=encryption,
+            policy=policy,
             defaults=defaults,
             state_dir=self.optional_path(sections, "state_dir"),
             cache_dir=self.optional_path(sections, "cache_dir"),
@@ -440,6 +489,28 @@ class _Loader:
             gnupg_home=self.optional_path(section, "gnupg_home", "encryption."),
             passphrase_file=self.optional_path(section, "passphrase_file", "encryption."),
         )
+
+    def policy(self, value: object) -> PolicySettings:
+        section = self.mapping(value, "policy")
+        for key in section:
+            if key not in _POLICY_KEYS:
+                raise self.unknown("policy.", key, _POLICY_KEYS)
+        from virt_dup.config.options import parse_boolean, parse_key_ids
+
+        try:
+            return PolicySettings(
+                allow_job_backend_urls=parse_boolean(
+                    section.get("allow_job_backend_urls", True), "policy.allow_job_backend_urls"
+                ),
+                require_encryption=parse_boolean(
+                    section.get("require_encryption", False), "policy.require_encryption"
+                ),
+                allowed_keys=parse_key_ids(section["allowed_keys"], "policy.allowed_keys")
+                if section.get("allowed_keys") is not None
+                else (),
+            )
+        except ConfigError as error:
+            raise ConfigError(f"{self.path}: {error}") from None
 
     def defaults(self, value: object, legacy: dict[tuple[str, str | None], Any]) -> JobOptions:
         section = dict(self.mapping(value, "defaults"))

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from virt_dup.config.load import Config, load_config
+from virt_dup.config.load import Config, check_policy, load_config
 from virt_dup.errors import ConfigError
 from virt_dup.libvirt.metadata import Job, duplicate_job_message, is_valid_uuid, parse_domain_xml
 from virt_dup.systemd.schedule import cron_to_timer
@@ -125,6 +125,7 @@ def render_units(config: Config, domain_files: Iterable[tuple[str, bytes]]) -> G
                 # One timer for the id: its run fails loudly until each domain has its own.
                 continue
             try:
+                check_policy(config, job.options, f"job {job.uuid}")
                 timers = {kind: render_timer(job, kind, config, source) for kind in TIMER_KINDS}
             except ConfigError as error:
                 generated.warnings.append(f"skipped job {job.uuid} in {source}: {error}")

@@ -198,3 +198,52 @@ def test_a_secret_file_others_can_read_gets_a_notice(tmp_path: Path) -> None:
     secret.chmod(0o600)
     config = parse_config(f"encryption:\n  passphrase_file: {secret}\n", tmp_path / "virt-dup.yml")
     assert not any("readable by others" in notice for notice in config.notices)
+
+
+# -- the policy over what job XML may choose -------------------------------------------------
+
+POLICY = """
+backends:
+  local: file:///srv/backups
+encryption:
+  keys: [0123456789ABCDEF0123456789ABCDEF01234567]
+policy:
+  allow_job_backend_urls: false
+  require_encryption: true
+  allowed_keys: [0123456789ABCDEF0123456789ABCDEF01234567]
+"""
+
+
+def test_a_job_within_the_policy_passes(tmp_path: Path) -> None:
+    from virt_dup.config.load import check_policy
+    from virt_dup.config.options import JobOptions
+
+    config = parse_config(POLICY, tmp_path / "virt-dup.yml")
+    check_policy(config, JobOptions(backends=("local",)), "job x")
+    check_policy(
+        config, JobOptions(encryption_keys=("0x0123456789abcdef0123456789abcdef01234567",)), "j"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"backends": ("sftp://u:pw@evil.example/x",)}, r"backend URL sftp://u:\*\*\*@evil"),
+        ({"encryption": "none"}, "encryption none, and the policy"),
+        ({"encryption_keys": ("DEADBEEFDEADBEEF",)}, "key DEADBEEFDEADBEEF, which the policy"),
+    ],
+)
+def test_a_job_beyond_the_policy_is_one_line(tmp_path: Path, options: dict, message: str) -> None:
+    from virt_dup.config.load import check_policy
+    from virt_dup.config.options import JobOptions
+
+    config = parse_config(POLICY, tmp_path / "virt-dup.yml")
+    with pytest.raises(ConfigError, match=message) as caught:
+        check_policy(config, JobOptions(**options), "job x")
+    assert str(caught.value).startswith("job x: ") and "\n" not in str(caught.value)
+    assert "pw" not in str(caught.value)
+
+
+def test_an_unknown_policy_key_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="policy"):
+        parse_config("policy:\n  allow_backends: false\n", tmp_path / "virt-dup.yml")

@@ -176,3 +176,26 @@ def test_a_manager_of_the_other_scope_gets_no_timers(tmp_path: Path) -> None:
     )
     assert finished.returncode == 0
     assert list(output.iterdir()) == []
+
+
+def test_a_job_beyond_the_policy_gets_no_timer_but_a_warning() -> None:
+    def domain(name: str, domain_uuid: str, backend: str) -> bytes:
+        return f"""<domain><name>{name}</name><uuid>{domain_uuid}</uuid>
+        <metadata><virt-dup:instance xmlns:virt-dup="https://www.github.com/spencerharmon/virt-dup">
+        <virt-dup:job schedule="@daily" backends="{backend}"/>
+        </virt-dup:instance></metadata></domain>""".encode()
+
+    config = parse_config(
+        "backends:\n  local: file:///b\npolicy:\n  allow_job_backend_urls: false\n",
+        Path("c.yml"),
+    )
+    generated = render_units(
+        config,
+        [
+            ("a.xml", domain("a", "5f1c1b0e-2f5e-4c1a-9a53-1d2f0c8b7a61", "local")),
+            ("b.xml", domain("b", "6f1c1b0e-2f5e-4c1a-9a53-1d2f0c8b7a61", "file:///elsewhere")),
+        ],
+    )
+    assert len([name for name in generated.files if name.endswith(".timer")]) == 1
+    (warning,) = generated.warnings
+    assert "b.xml" in warning and "names the backend URL file:///elsewhere" in warning
