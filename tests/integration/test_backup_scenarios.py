@@ -10,7 +10,6 @@ and the same chain in the live XML.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from harness.backups import (
     command_of,
     file_digests,
     fill,
+    holds_open,
     restored_path,
     sha256,
     snapshot_files,
@@ -273,7 +273,7 @@ def test_two_jobs_of_one_domain_never_overlap(make_domain, environment, tmp_path
         second = environment.start_run(second_job)
         lock = environment.lock_path(vm.uuid)
         wait_for(
-            lambda: has_open(second.pid, lock) or second.poll() is not None,
+            lambda: holds_open(second.pid, lock) or second.poll() is not None,
             60,
             "the second run to reach the lock",
         )
@@ -298,16 +298,6 @@ def test_two_jobs_of_one_domain_never_overlap(make_domain, environment, tmp_path
     assert second_status["finished"] > first_status["finished"]
     assert overlays_under(vm.directory) == []
     assert vm.disk_chain("vda") == vm.images["vda"]
-
-
-def has_open(pid: int, path: Path) -> bool:
-    try:
-        return any(
-            os.readlink(descriptor) == os.fspath(path)
-            for descriptor in Path(f"/proc/{pid}/fd").iterdir()
-        )
-    except OSError:
-        return False
 
 
 def _duplicity_child(pid: int) -> int | None:

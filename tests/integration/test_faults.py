@@ -27,6 +27,7 @@ from harness.backups import (
     command_of,
     file_digests,
     fill,
+    holds_open,
     restored_path,
     sha256,
     snapshot_files,
@@ -846,16 +847,6 @@ def test_sigkill_of_a_two_disk_backup_then_recover(
 
 
 # -- a run during a restore of the same domain; recovery past a failing domain ---------------
-
-
-def holds_open(pid: int, path: Path) -> bool:
-    try:
-        return any(
-            os.readlink(descriptor) == os.fspath(path)
-            for descriptor in Path(f"/proc/{pid}/fd").iterdir()
-        )
-    except OSError:
-        return False
 
 
 def test_a_run_during_an_in_place_restore_waits_for_it(

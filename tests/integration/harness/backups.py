@@ -257,3 +257,14 @@ def fill(image: Path, pattern: int, offset: int, length: int) -> None:
         check=True,
         capture_output=True,
     )
+
+
+def holds_open(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open (a lock file, an image)."""
+    try:
+        return any(
+            os.readlink(descriptor) == os.fspath(path)
+            for descriptor in Path(f"/proc/{pid}/fd").iterdir()
+        )
+    except OSError:
+        return False
