@@ -12,8 +12,10 @@ virt-dup and the job, so recovery recognises it without any other record).
 * :func:`merge_overlay` puts a disk back on its original top image with every
   write kept, whatever the domain's power state has become since: active
   shallow blockcommit + pivot when it runs, ``qemu-img commit`` + a new
-  persistent definition when it is off; then deletes the overlay.  It is
-  idempotent, so recovery calls it on whatever an interrupted run left.
+  persistent definition when it is off; then deletes the overlay -- only
+  one whose every write is in the top (safety rule 1 of DESIGN.md), else it
+  is kept and reported.  It is idempotent, so recovery calls it on whatever
+  an interrupted run left.
 
 Filesystem freezing goes through libvirt's ``VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE``:
 libvirt freezes, snapshots and thaws again itself, also when the snapshot
