@@ -4,7 +4,8 @@
 2. a virt-dup.yml with a file:// backend, a throw-away GPG key;
 3. a real systemd manager (a user manager in a private mount namespace, the
    same recipe the tests use: this machine does not boot with systemd),
-   virt-dup's units and generator installed into it with install-units;
+   virt-dup's units and generator installed into it with install-units,
+   with the system manager's sandbox (ProtectSystem=strict...) on top;
 4. `virt-dup add-job` with a schedule of every minute: the timer appears at
    once, fires, and its service backs the domain up (encrypted, full);
 5. `virt-dup backups` lists the backup; `virt-dup restore --target-dir`
@@ -28,7 +29,11 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY / "tests" / "integration"))
 
-from harness.manager import UserManager, start_user_manager  # noqa: E402
+from harness.manager import (  # noqa: E402
+    UserManager,
+    install_system_sandbox,
+    start_user_manager,
+)
 
 VENV_BIN = Path(sys.executable).parent
 VIRT_DUP = VENV_BIN / "virt-dup"
@@ -176,6 +181,11 @@ def main() -> int:
             "--generator-dir",
             "/run/systemd/user-generators",
         )
+        # What --scope system adds (ProtectSystem=strict, capabilities, system
+        # call filter): root's user manager applies it as PID 1 would.
+        for path in install_system_sandbox(unit_dir):
+            print(f"(the system manager's sandbox) {path}")
+        on_host("systemctl", "--user", "daemon-reload")
 
         step("Add a job that runs every minute; its timer exists at once")
         job = on_host(str(VIRT_DUP), "add-job", name, "--schedule", "* * * * *").stdout.strip()
@@ -209,7 +219,7 @@ def main() -> int:
         # status exits 3 for a unit that is not running: a finished oneshot
         on_host("systemctl", "--user", "status", "--no-pager", "-n", "0", service, ok_codes=(0, 3))
         if state.get("Result") != "success":
-            print(manager.log(40))
+            print(manager.log(400))
             raise SystemExit(f"demo: {service} failed: {state}")
         show([str(VIRT_DUP), "--config", str(config), "list-jobs", name])
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ import pytest
 from harness.domains import DomainFactory
 from harness.manager import (  # noqa: F401 - fixtures
     UserManager,
+    install_system_sandbox,
     unprivileged_user_manager,
     user_manager,
 )
@@ -94,7 +96,9 @@ class Host:
         )
 
     def install(self) -> subprocess.CompletedProcess[str]:
-        return self.virt_dup(
+        """``install-units --scope user``, then the system manager's sandbox on top
+        (harness.manager.install_system_sandbox): the services run as on a host."""
+        installed = self.virt_dup(
             "install-units",
             "--scope",
             "user",
@@ -103,6 +107,9 @@ class Host:
             "--generator-dir",
             str(GENERATOR_DIR),
         )
+        install_system_sandbox(self.unit_dir)
+        self.manager.systemctl("daemon-reload")
+        return installed
 
     def active_timers(self) -> set[str]:
         """Names of the virt-dup timers ``systemctl --user list-timers`` shows."""
@@ -289,23 +296,29 @@ def test_the_run_services_sandboxing_works_in_an_unprivileged_user_manager(
         ],
         as_root=True,  # /run/systemd/user-generators is root's
     )
-    assert not list(unit_dir.rglob("60-virt-dup-run-system.conf"))
+    assert not list(unit_dir.rglob("45-virt-dup-sandbox-system.conf"))
     # This user cannot run the venv's Python (it is under /root): run a
     # stand-in with exactly the installed unit and drop-ins around it.
-    stand_in = unit_dir / "virt-dup@.service.d" / "90-test-stand-in.conf"
-    stand_in.write_text("[Service]\nExecStart=\nExecStart=/bin/true\n")
-    system_only = unit_dir / "virt-dup-full@.service.d" / "60-virt-dup-run-system.conf"
-    system_only.write_text((REPOSITORY / "units" / "virt-dup-run-system.conf").read_text())
-    (unit_dir / "virt-dup-full@.service.d" / "90-test-stand-in.conf").write_text(
-        stand_in.read_text()
-    )
-    for path in (stand_in, system_only, system_only.parent / stand_in.name):
-        os.chown(path, manager.uid, manager.gid)
+    stand_in_text = "[Service]\nExecStart=\nExecStart=/bin/true\n"
+    for service in ("virt-dup@.service", "virt-dup-full@.service", "virt-dup-reload.service"):
+        stand_in = unit_dir / f"{service}.d" / "90-test-stand-in.conf"
+        stand_in.parent.mkdir(exist_ok=True)
+        stand_in.write_text(stand_in_text)
+        os.chown(stand_in.parent, manager.uid, manager.gid)
+        os.chown(stand_in, manager.uid, manager.gid)
+    # The system manager's sandbox on one of them only.
+    for path in install_system_sandbox(unit_dir, owner=(manager.uid, manager.gid)):
+        if not path.parent.name.startswith("virt-dup-full@"):
+            path.unlink()
     manager.systemctl("daemon-reload")
     job = str(uuid.uuid4())
 
     started = manager.systemctl("start", f"virt-dup@{job}.service", check=False)
     full = manager.systemctl("start", f"virt-dup-full@{job}.service", check=False)
+    # The watcher's and the alert's sandboxes work there too.
+    for unit in ("virt-dup-reload.service", f"virt-dup-alert@virt-dup@{job}.service.service"):
+        other = manager.systemctl("start", unit, check=False)
+        assert other.returncode == 0, other.stderr + manager.log()
 
     def show(unit: str) -> dict[str, str]:
         output = manager.systemctl("show", unit, "-p", "Result", "-p", "ExecMainStatus").stdout
@@ -353,3 +366,65 @@ def test_a_run_record_reaches_journald_as_structured_fields(
     assert fields["RESULT"] == "not-implemented"
     assert fields["SYSLOG_IDENTIFIER"] == "virt-dup"
     assert received.stderr == ""  # nothing fell back to stderr
+
+
+def test_backup_and_verify_decrypt_under_the_system_sandbox_with_keys_under_etc(
+    user_manager: UserManager,  # noqa: F811
+    make_domain: DomainFactory,
+    gpg_home,
+    tmp_path: Path,
+) -> None:
+    """The documented GnuPG home under /etc: read-only under ProtectSystem=
+    (gpg-agent cannot make its socket there) unless the job's generated
+    drop-in makes it writable.  A backup and a verification started by systemd
+    encrypt, sign and decrypt with it; the restore equals the disk."""
+    job = str(uuid.uuid4())
+    host = Host(user_manager, [job])
+    keys = Path("/etc") / f"vdt-gnupg-{job[:8]}"
+    shutil.copytree(gpg_home.path, keys, ignore=shutil.ignore_patterns("S.*", "*.lock"))
+    try:
+        keys.chmod(0o700)
+        host.write_config(
+            f"encryption:\n  keys: [{gpg_home.fingerprint}]\n"
+            f"  sign_key: {gpg_home.fingerprint}\n  gnupg_home: {keys}\n"
+        )
+        host.install()
+        vm = make_domain()
+        vm.write_pattern("vda", 0x5A, 3 * 1024 * 1024, 256 * 1024)
+        host.virt_dup("add-job", vm.name, "--uuid", job, "--backend", "local")
+
+        for service in (f"virt-dup@{job}.service", f"virt-dup-verify@{job}.service"):
+            started = host.manager.systemctl("start", service, check=False)
+            assert started.returncode == 0, started.stderr + host.manager.log(80)
+            assert host.show(service, "Result", "ExecMainStatus") == {
+                "Result": "success",
+                "ExecMainStatus": "0",
+            }
+        sandbox = host.show(f"virt-dup@{job}.service", "ProtectSystem", "ReadWritePaths")
+        assert sandbox["ProtectSystem"] == "strict"
+        writable = sandbox["ReadWritePaths"].split()
+        assert f"-{keys}" in writable and f"-{vm.images['vda'][-1].parent}" in writable
+        status = json.loads((host.state / "status" / f"{job}.json").read_text())
+        assert status["last_success"]["full"] is True
+        assert vm.disk_source("vda") == vm.images["vda"][-1]  # merged back
+        volumes = list((host.backend / job).glob("duplicity-full.*.vol1.difftar.gpg"))
+        assert volumes, "the backup is encrypted"
+
+        restored = tmp_path / "restored"
+        host.virt_dup("restore", vm.name, "--target-dir", str(restored))
+        compared = subprocess.run(
+            [
+                "qemu-img",
+                "compare",
+                "-U",
+                str(vm.images["vda"][-1]),
+                str(restored / "vda" / vm.images["vda"][-1].name),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert compared.returncode == 0, compared.stdout + compared.stderr
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(keys), "--kill", "all"], check=False)
+        shutil.rmtree(keys, ignore_errors=True)

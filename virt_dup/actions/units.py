@@ -194,8 +194,15 @@ def install_units(
             say(text.removesuffix("\n"))
         for link, target in sorted(installation.symlinks.items()):
             say(f"# {link} -> {target}")
+        for directory, mode in sorted(installation.directories.items()):
+            say(f"# directory {directory} (mode {mode:04o}, when missing)")
+        for path in installation.removed:
+            say(f"# removed if present: {path}")
         return
+    missing = [directory for directory in installation.directories if not directory.exists()]
     write_installation(installation)
+    for directory in missing:
+        say(f"created {directory}")
     for path in sorted(installation.files):
         say(f"installed {path}")
     for link, target in sorted(installation.symlinks.items()):

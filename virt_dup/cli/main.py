@@ -344,6 +344,23 @@ def main(argv: Sequence[str] | None = None, hypervisor: Hypervisor | None = None
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO, format=f"{PROGRAM}: %(message)s"
     )
+    # What virt-dup and its children (duplicity's cache, gpg, qemu-img) create
+    # is root's alone, as under the units' UMask=0077; modes that others need
+    # (units, restored image directories) are set explicitly.
+    umask = os.umask(0o077)
+    try:
+        return _main(parser, subparsers, argv, hypervisor, debug)
+    finally:
+        os.umask(umask)
+
+
+def _main(
+    parser: cli_arguments.ArgumentParser,
+    subparsers: cli_arguments.Subparsers,
+    argv: Sequence[str] | None,
+    hypervisor: Hypervisor | None,
+    debug: bool,
+) -> int:
     try:
         arguments = parser.parse_args(argv)
         if arguments.command is None:

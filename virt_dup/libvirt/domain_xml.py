@@ -64,7 +64,7 @@ class Disk:
         )
 
 
-def parse_disks(domain_xml: str, where: str) -> list[Disk]:
+def parse_disks(domain_xml: str | bytes, where: str) -> list[Disk]:
     """Every ``<disk>`` of a domain XML document, in document order."""
     root = parse_xml(domain_xml, where)
     disks = []

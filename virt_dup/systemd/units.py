@@ -24,9 +24,14 @@ from pathlib import Path
 from virt_dup import __version__
 from virt_dup.config.load import DEFAULT_PATH, PATH_ENVIRONMENT, Config
 from virt_dup.errors import UsageError, VirtDupError
-from virt_dup.files import write_atomically
+from virt_dup.files import make_directories, write_atomically
 from virt_dup.libvirt.metadata import is_valid_uuid
-from virt_dup.systemd.generator import TARGET, TIMER_KINDS
+from virt_dup.systemd.generator import (
+    RECOVER_SERVICE,
+    TARGET,
+    TIMER_KINDS,
+    file_backend_directory,
+)
 
 #: The directory holding the virt_dup package: the repository root in a checkout.
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
@@ -36,21 +41,30 @@ SOURCE_ROOT = Path(__file__).resolve().parents[2]
 SHARE_NAME = "virt-dup"
 
 
+RELOAD_SERVICE = "virt-dup-reload.service"
+ALERT_SERVICE = "virt-dup-alert@.service"
+
 #: Static units, installed as they are (after placeholders).
 UNIT_FILES = (
     "virt-dup@.service",
     "virt-dup-full@.service",
     "virt-dup-verify@.service",
-    "virt-dup-alert@.service",
+    ALERT_SERVICE,
     "virt-dup.target",
     "virt-dup-reload.path",
-    "virt-dup-reload.service",
-    "virt-dup-recover.service",
+    RELOAD_SERVICE,
+    RECOVER_SERVICE,
 )
 
 
-#: The services a timer starts; they get the drop-ins below.
+#: The services a timer starts.
 RUN_SERVICES = tuple(f"{kind.prefix}@.service" for kind in TIMER_KINDS)
+
+#: Every service that runs virt-dup unattended: they share one sandbox.
+SANDBOXED_SERVICES = (*RUN_SERVICES, RECOVER_SERVICE)
+
+#: Every service installed.
+SERVICES = (*SANDBOXED_SERVICES, RELOAD_SERVICE, ALERT_SERVICE)
 
 
 @dataclass(frozen=True)
@@ -58,12 +72,25 @@ class DropIn:
     source: str  # file in units/
     name: str  # file name inside <unit>.d/
     scopes: tuple[str, ...]
+    services: tuple[str, ...]
 
 
 DROP_INS = (
-    DropIn("virt-dup-run.conf", "50-virt-dup-run.conf", ("system", "user")),
-    DropIn("virt-dup-run-system.conf", "60-virt-dup-run-system.conf", ("system",)),
+    DropIn(
+        "virt-dup-sandbox.conf", "40-virt-dup-sandbox.conf", ("system", "user"), SANDBOXED_SERVICES
+    ),
+    DropIn("virt-dup-system.conf", "44-virt-dup-system.conf", ("system",), SERVICES),
+    DropIn(
+        "virt-dup-sandbox-system.conf",
+        "45-virt-dup-sandbox-system.conf",
+        ("system",),
+        SANDBOXED_SERVICES,
+    ),
+    DropIn("virt-dup-run.conf", "50-virt-dup-run.conf", ("system", "user"), RUN_SERVICES),
 )
+
+#: Drop-ins earlier versions installed, deleted by ``install-units``.
+OBSOLETE_DROP_INS = ("60-virt-dup-run-system.conf",)
 
 
 GENERATOR = "virt-dup-generator"
@@ -208,6 +235,9 @@ class InstallSettings:
     #: Not the default path: services get VIRT_DUP_CONFIG, the generator has it baked in.
     config_explicit: bool
     libvirt_config_directory: Path
+    #: State, cache and file:// backend directories virt-dup.yml names: systemd
+    #: creates only its own (StateDirectory=...), and a sandboxed run cannot.
+    own_directories: tuple[Path, ...] = ()
 
     @classmethod
     def from_config(
@@ -229,6 +259,7 @@ class InstallSettings:
             config_path=config.path.absolute(),
             config_explicit=config.path.absolute() != DEFAULT_PATH,
             libvirt_config_directory=config.libvirt_config_dir,
+            own_directories=own_directories(config),
         )
 
     def placeholder_values(self) -> dict[str, str]:
@@ -245,12 +276,26 @@ class InstallSettings:
         }
 
 
+def own_directories(config: Config) -> tuple[Path, ...]:
+    """What install-units creates: the state and cache directories and the
+    ``file://`` backends virt-dup.yml names (see :attr:`InstallSettings.own_directories`)."""
+    backends = [file_backend_directory(url) for url in config.backends.values()]
+    return (
+        *(path for path in (config.state_dir, config.cache_dir) if path is not None),
+        *(Path(path) for path in backends if path and os.path.isabs(path)),
+    )
+
+
 @dataclass
 class Installation:
     """Files (absolute path -> text, mode) and symlinks (path -> target) to write."""
 
     files: dict[Path, tuple[str, int]] = field(default_factory=dict)
     symlinks: dict[Path, Path] = field(default_factory=dict)
+    #: Files an earlier version installed that would now be wrong.
+    removed: list[Path] = field(default_factory=list)
+    #: Directories to create when missing (path -> mode).
+    directories: dict[Path, int] = field(default_factory=dict)
 
 
 def render_generator(source: str, python: str, config_path: Path | None) -> str:
@@ -306,8 +351,13 @@ def render_installation(
         text = installed_header(drop_in.source) + fill_placeholders(
             unit_sources[drop_in.source], values, drop_in.source
         )
-        for service in RUN_SERVICES:
+        for service in drop_in.services:
             installation.files[unit_directory / f"{service}.d" / drop_in.name] = (text, 0o644)
+    for service in RUN_SERVICES:
+        for name in OBSOLETE_DROP_INS:
+            installation.removed.append(unit_directory / f"{service}.d" / name)
+    for directory in settings.own_directories:
+        installation.directories[directory] = 0o700
     baked_config = settings.config_path if settings.config_explicit else None
     generator = render_generator(generator_source, settings.python, baked_config)
     installation.files[settings.generator_directory / GENERATOR] = (generator, 0o755)
@@ -331,13 +381,17 @@ def write_installation(installation: Installation) -> None:
     Raises :class:`VirtDupError` naming the path that could not be written.
     """
     try:
+        for directory, mode in installation.directories.items():
+            make_directories(directory, mode)
         for path, (text, mode) in installation.files.items():
             write_atomically(path, text, mode, directory_mode=0o755)
         for link, target in installation.symlinks.items():
-            link.parent.mkdir(parents=True, exist_ok=True)
+            make_directories(link.parent, 0o755)
             if link.is_symlink() or link.exists():
                 link.unlink()
             link.symlink_to(target)
+        for path in installation.removed:
+            path.unlink(missing_ok=True)
     except OSError as error:
         raise VirtDupError(f"cannot write {error.filename}: {error.strerror}") from None
 

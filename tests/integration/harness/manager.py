@@ -389,6 +389,33 @@ def _started(manager: UserManager) -> bool:
     return state in ("running", "degraded")
 
 
+def install_system_sandbox(unit_dir: Path, owner: tuple[int, int] | None = None) -> list[Path]:
+    """Add what ``install-units --scope system`` installs beyond ``--scope user``
+    (the system manager's sandbox drop-ins) to a user manager's unit dir.
+
+    Root's user manager stands in for PID 1 here: it can apply them, so the
+    services run under the very sandbox of a host.  Returns the files written;
+    reload the manager afterwards.
+    """
+    from virt_dup.systemd import units
+
+    sources, _generator = units.read_sources(
+        units.data_directory("units"), units.data_directory("generator")
+    )
+    written = []
+    for drop_in in units.DROP_INS:
+        if "user" in drop_in.scopes:
+            continue
+        for service in drop_in.services:
+            path = unit_dir / f"{service}.d" / drop_in.name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(units.installed_header(drop_in.source) + sources[drop_in.source])
+            if owner is not None:
+                os.chown(path, *owner)
+            written.append(path)
+    return written
+
+
 @pytest.fixture
 def user_manager(require: Callable[[bool, str], None]) -> Iterator[UserManager]:
     """A fresh ``systemd --user`` in a private mount namespace; stopped after the test.

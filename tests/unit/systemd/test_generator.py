@@ -12,12 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
 from virt_dup.config.load import parse_config
-from virt_dup.systemd.generator import escape_unit_text, render_units
+from virt_dup.systemd.generator import GeneratedUnits, escape_unit_text, render_units
 
 GOLDEN = Path(__file__).parent / "golden" / "generator"
 REPOSITORY = Path(__file__).parents[3]
@@ -62,6 +63,10 @@ def run_generator(tmp_path: Path) -> tuple[Path, subprocess.CompletedProcess[str
     return output, finished
 
 
+def timers(generated: GeneratedUnits) -> dict[str, str]:
+    return {name: text for name, text in generated.files.items() if name.endswith(".timer")}
+
+
 def test_golden_tree(tmp_path: Path) -> None:
     output, finished = run_generator(tmp_path)
     assert finished.returncode == 0
@@ -70,7 +75,7 @@ def test_golden_tree(tmp_path: Path) -> None:
     if os.environ.get("UPDATE_GOLDEN"):
         shutil.rmtree(expected_dir, ignore_errors=True)
         shutil.copytree(output, expected_dir, symlinks=True)
-        for path in expected_dir.rglob("*.timer"):
+        for path in (p for p in expected_dir.rglob("*") if p.is_file()):
             if not path.is_symlink():
                 path.write_text(path.read_text().replace(str(GOLDEN / "input"), "@INPUT@"))
     assert produced == read_tree(expected_dir, GOLDEN / "input")
@@ -106,10 +111,10 @@ def test_default_schedule_applies_and_no_schedule_means_no_timer() -> None:
         parse_config('defaults:\n  schedule: "15 4 * * *"\n', Path("c.yml")),
         [("vm.xml", domain)],
     )
-    (text,) = with_default.files.values()
+    (text,) = timers(with_default).values()
     assert "OnCalendar=*-*-* 04:15:00" in text
     without = render_units(parse_config("", Path("c.yml")), [("vm.xml", domain)])
-    assert without.files == {} and without.warnings == []
+    assert timers(without) == {} and without.warnings == []
 
 
 def test_duplicate_job_id_across_domains_is_generated_once() -> None:
@@ -126,7 +131,7 @@ def test_duplicate_job_id_across_domains_is_generated_once() -> None:
             ("b.xml", domain("b", "6f1c1b0e-2f5e-4c1a-9a53-1d2f0c8b7a61")),
         ],
     )
-    assert len(generated.files) == 1
+    assert len(timers(generated)) == 1
     (warning,) = generated.warnings
     assert warning.startswith("a.xml, b.xml: job 11111111-2222-4333-8444-555555555555 is in ")
     assert "domains a, b" in warning and "virt-dup add-job b" in warning
@@ -199,3 +204,134 @@ def test_a_job_beyond_the_policy_gets_no_timer_but_a_warning() -> None:
     assert len([name for name in generated.files if name.endswith(".timer")]) == 1
     (warning,) = generated.warnings
     assert "b.xml" in warning and "names the backend URL file:///elsewhere" in warning
+
+
+JOB_ID = "11111111-2222-4333-8444-555555555555"
+
+
+def domain_with_disks(*disks: str, job: bool = True, name: str = "vm") -> bytes:
+    """A domain whose ``disks`` are ``<disk>`` elements' inner XML (source, target...)."""
+    devices = "".join(f"<disk type='file' device='disk'>{disk}</disk>" for disk in disks)
+    instance = (
+        '<metadata><virt-dup:instance xmlns:virt-dup="https://www.github.com/spencerharmon/virt-dup">'
+        f'<virt-dup:job uuid="{JOB_ID}" schedule="@daily"/></virt-dup:instance></metadata>'
+        if job
+        else ""
+    )
+    return (
+        f"<domain><name>{name}</name><uuid>{uuid.uuid4()}</uuid>{instance}"
+        f"<devices>{devices}</devices></domain>"
+    ).encode()
+
+
+def writable(generated: GeneratedUnits, unit: str) -> list[str]:
+    text = generated.files[f"{unit}.d/50-virt-dup-paths.conf"]
+    prefix = "ReadWritePaths="
+    return [line.removeprefix(prefix) for line in text.splitlines() if line.startswith(prefix)]
+
+
+def test_each_jobs_services_may_write_its_disks_backend_keys_and_nothing_else() -> None:
+    config = parse_config(
+        "backends:\n  here: file:///srv/back%20ups\n  there: sftp://b@h/x\n"
+        "defaults:\n  backends: [here]\n"
+        "encryption:\n  keys: [ABCD1234]\n  gnupg_home: /etc/virt-dup/gnupg\n"
+        "state_dir: /srv/state\n",
+        Path("c.yml"),
+    )
+    domain = domain_with_disks(
+        "<driver type='qcow2'/><source file='/srv/vm images/a.qcow2'/><target dev='vda'/>",
+        "<driver type='qcow2'/><source file='/var/lib/libvirt/images/b.qcow2'/><target dev='vdb'/>",
+        "<driver type='qcow2'/><source file='/var/lib/libvirt/images/c.qcow2'/><target dev='vdc'/>",
+    ).replace(
+        b"</devices>",
+        b"<disk type='file' device='cdrom'><source file='/isos/x.iso'/></disk></devices>",
+    )
+
+    generated = render_units(config, [("vm.xml", domain)])
+
+    expected = [
+        '"-/srv/vm images"',
+        '"-/var/lib/libvirt/images"',
+        '"-/srv/state"',
+        '"-/etc/virt-dup/gnupg"',
+        '"-/srv/back ups"',
+    ]
+    assert writable(generated, f"virt-dup@{JOB_ID}.service") == expected
+    assert writable(generated, f"virt-dup-full@{JOB_ID}.service") == expected
+    assert writable(generated, f"virt-dup-verify@{JOB_ID}.service") == [*expected, '"-/var/tmp"']
+    # Boot recovery merges disks: their directories and the state, no backend, no keys.
+    assert writable(generated, "virt-dup-recover.service") == [*expected[:3]]
+    assert generated.warnings == []
+
+    remote = parse_config("defaults:\n  backends: [sftp://b@h/x]\n", Path("c.yml"))
+    generated = render_units(remote, [("vm.xml", domain)])
+    assert writable(generated, f"virt-dup@{JOB_ID}.service") == [
+        '"-/srv/vm images"',
+        '"-/var/lib/libvirt/images"',
+        '"-%h/.gnupg"',  # GnuPG's own home, of the unit's user
+    ]
+
+
+def test_recovery_may_write_the_disks_of_every_domain_also_those_without_jobs() -> None:
+    generated = render_units(
+        parse_config("", Path("c.yml")),
+        [
+            ("a.xml", domain_with_disks("<source file='/a/one.qcow2'/>", name="a")),
+            ("b.xml", domain_with_disks("<source file='/b/two.qcow2'/>", job=False, name="b")),
+        ],
+    )
+    assert writable(generated, "virt-dup-recover.service") == ['"-/a"', '"-/b"']
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "/srv/x&#10;[Service]&#10;ExecStart=/bin/evil/x.qcow2",
+        '/srv/a"b/x.qcow2',
+        "/srv/a\\\\b/x.qcow2",
+        "/x.qcow2",  # its directory is / itself
+        "relative/x.qcow2",
+    ],
+    ids=["newline-directive", "quote", "backslash", "root", "relative"],
+)
+def test_a_disk_path_that_cannot_be_made_writable_safely_is_left_out_with_a_warning(
+    source: str,
+) -> None:
+    domain = domain_with_disks(
+        f"<source file='{source.replace(chr(39), '&apos;')}'/>",
+        "<source file='/var/lib/libvirt/images/ok.qcow2'/>",
+    )
+    generated = render_units(parse_config("", Path("c.yml")), [("vm.xml", domain)])
+
+    for name, text in generated.files.items():
+        assert "ExecStart" not in text and "evil" not in text, name
+        for line in text.splitlines():
+            assert (
+                line.startswith(
+                    (
+                        "#",
+                        "[",
+                        "ReadWritePaths=",
+                        "Description=",
+                        "Documentation=",
+                        "PartOf=",
+                        "OnCalendar=",
+                        "Persistent=",
+                        "AccuracySec=",
+                        "Unit=",
+                    )
+                )
+                or not line
+            ), line
+    assert writable(generated, f"virt-dup@{JOB_ID}.service") == [
+        '"-/var/lib/libvirt/images"',
+        '"-%h/.gnupg"',
+    ]
+    assert f"virt-dup@{JOB_ID}.timer" in generated.files  # the job keeps its timer
+    assert any("cannot" in warning for warning in generated.warnings)
+
+
+def test_a_percent_in_a_disk_path_is_no_specifier() -> None:
+    domain = domain_with_disks("<source file='/srv/%h/x.qcow2'/>")
+    generated = render_units(parse_config("", Path("c.yml")), [("vm.xml", domain)])
+    assert writable(generated, f"virt-dup@{JOB_ID}.service")[0] == '"-/srv/%%h"'

@@ -24,7 +24,7 @@ from virt_dup.systemd import units as systemd_units
 from virt_dup.systemd.generator import render_units, write_units
 
 REPOSITORY = Path(__file__).parents[3]
-SYSTEM_DROP_IN = "60-virt-dup-run-system.conf"
+SYSTEM_DROP_IN = "45-virt-dup-sandbox-system.conf"
 JOB = "0e1f2a3b-1111-4222-8333-444455556666"
 DOMAIN_UUID = "5e3c7d8a-9b0f-4c1d-a2e3-f40516273849"
 SAMPLE_DOMAIN = f"""<domain type='kvm'>
@@ -99,46 +99,73 @@ def test_run_services_run_the_installed_virt_dup_and_alert_on_failure(tmp_path: 
     assert "ExecStart=/usr/bin/virt-dup sync-timers" in settings_lines(reload_service)
 
 
-def test_both_run_services_share_one_drop_in(tmp_path: Path) -> None:
+SANDBOX_DROP_IN = "40-virt-dup-sandbox.conf"
+KERNEL_DROP_IN = "44-virt-dup-system.conf"
+RUN_DROP_IN = "50-virt-dup-run.conf"
+SANDBOXED = (
+    "virt-dup@.service",
+    "virt-dup-full@.service",
+    "virt-dup-verify@.service",
+    "virt-dup-recover.service",
+)
+
+
+def test_every_unattended_service_shares_one_sandbox(tmp_path: Path) -> None:
     installation = render(settings(tmp_path, scope="system"))
     unit_dir = tmp_path / "units"
 
-    shared = {
-        text_of(installation, unit_dir / f"{service}.d" / "50-virt-dup-run.conf")
-        for service in ("virt-dup@.service", "virt-dup-full@.service")
-    }
-    assert len(shared) == 1
-    lines = settings_lines(shared.pop())
+    for drop_in in (SANDBOX_DROP_IN, SYSTEM_DROP_IN):
+        texts = {text_of(installation, unit_dir / f"{unit}.d" / drop_in) for unit in SANDBOXED}
+        assert len(texts) == 1, drop_in
+    shared = settings_lines(text_of(installation, unit_dir / f"{SANDBOXED[0]}.d" / SANDBOX_DROP_IN))
     for expected in (
-        "Type=oneshot",
-        "TimeoutStartSec=12h",
-        "Nice=10",
-        "IOSchedulingClass=idle",
+        "UMask=0077",
         "StateDirectory=virt-dup",
         "CacheDirectory=virt-dup",
+        "RuntimeDirectory=virt-dup",  # the domain locks, under ProtectSystem=strict
+        "RuntimeDirectoryPreserve=yes",  # shared by every run and recovery
         "NoNewPrivileges=yes",
     ):
-        assert expected in lines
+        assert expected in shared
+    system = settings_lines(text_of(installation, unit_dir / f"{SANDBOXED[0]}.d" / SYSTEM_DROP_IN))
+    for expected in (
+        "ProtectSystem=strict",
+        "ProtectHome=read-only",  # a venv, images, keys in /home or /root stay readable
+        "SystemCallFilter=@system-service",
+    ):
+        assert expected in system
+    for service in (*SANDBOXED, "virt-dup-reload.service", "virt-dup-alert@.service"):
+        kernel = settings_lines(text_of(installation, unit_dir / f"{service}.d" / KERNEL_DROP_IN))
+        assert "ProtectKernelModules=yes" in kernel and "PrivateDevices=yes" in kernel
     # A virt-dup (venv), images or a backend under /tmp must stay reachable.
-    assert not any(line.startswith("PrivateTmp=") for line in lines)
-    # Images may live in /home: no setting may hide or freeze it.
-    assert not any(line.startswith(("ProtectHome=", "PrivateDevices=")) for line in lines)
-    system_only = text_of(installation, unit_dir / "virt-dup@.service.d" / SYSTEM_DROP_IN)
-    assert "ProtectKernelModules=yes" in settings_lines(system_only)
+    assert not any(line.startswith("PrivateTmp=") for line in [*shared, *system])
+    assert any(line.startswith("CapabilityBoundingSet=CAP_DAC_OVERRIDE") for line in system)
 
 
-def test_the_verify_service_verifies_and_shares_the_run_drop_ins(tmp_path: Path) -> None:
+def test_the_run_services_share_the_run_settings_and_recovery_keeps_its_own(
+    tmp_path: Path,
+) -> None:
     installation = render(settings(tmp_path, scope="system"))
     unit_dir = tmp_path / "units"
 
-    verify = settings_lines(text_of(installation, unit_dir / "virt-dup-verify@.service"))
+    texts = {text_of(installation, unit_dir / f"{unit}.d" / RUN_DROP_IN) for unit in SANDBOXED[:3]}
+    assert len(texts) == 1
+    lines = settings_lines(texts.pop())
+    for expected in ("Type=oneshot", "TimeoutStartSec=12h", "Nice=10", "IOSchedulingClass=idle"):
+        assert expected in lines
+    # Recovery merges a domain that runs on an overlay: not at idle I/O priority.
+    assert unit_dir / "virt-dup-recover.service.d" / RUN_DROP_IN not in installation.files
+    recover = settings_lines(text_of(installation, unit_dir / "virt-dup-recover.service"))
+    assert "TimeoutStartSec=2h" in recover
+
+
+def test_the_verify_service_verifies(tmp_path: Path) -> None:
+    installation = render(settings(tmp_path, scope="system"))
+
+    verify = settings_lines(text_of(installation, tmp_path / "units" / "virt-dup-verify@.service"))
 
     assert "ExecStart=/usr/bin/virt-dup verify %i" in verify
     assert "OnFailure=virt-dup-alert@%n.service" in verify
-    for drop_in in ("50-virt-dup-run.conf", SYSTEM_DROP_IN):
-        assert text_of(installation, unit_dir / "virt-dup-verify@.service.d" / drop_in) == (
-            text_of(installation, unit_dir / "virt-dup@.service.d" / drop_in)
-        )
     assert systemd_units.is_job_timer(f"virt-dup-verify@{JOB}.timer")
 
 
@@ -147,8 +174,19 @@ def test_a_user_manager_gets_no_system_only_hardening(tmp_path: Path) -> None:
 
     names = {path.name for path in installation.files}
 
-    assert "50-virt-dup-run.conf" in names
-    assert "60-virt-dup-run-system.conf" not in names
+    assert {SANDBOX_DROP_IN, RUN_DROP_IN} <= names
+    assert SYSTEM_DROP_IN not in names and KERNEL_DROP_IN not in names
+
+
+def test_install_units_deletes_the_drop_in_an_earlier_version_installed(tmp_path: Path) -> None:
+    old = tmp_path / "units" / "virt-dup@.service.d" / "60-virt-dup-run-system.conf"
+    old.parent.mkdir(parents=True)
+    old.write_text("[Service]\nProtectSystem=full\n")
+
+    systemd_units.write_installation(render(settings(tmp_path, scope="system")))
+
+    assert not old.exists()
+    assert (old.parent / SYSTEM_DROP_IN).is_file()
 
 
 def test_a_config_file_elsewhere_reaches_services_watcher_and_generator(tmp_path: Path) -> None:
@@ -415,3 +453,83 @@ def test_stopping_a_unit_never_cuts_a_merge_short(unit: str) -> None:
     assert settings["KillMode"] == "mixed"
     minutes = int(settings["TimeoutStopSec"].removesuffix("min"))
     assert minutes * 60 > MERGE_TIMEOUT_SECONDS
+
+
+# -- systemd-analyze security --------------------------------------------------------
+#: The most exposure each installed service may have (systemd-analyze security,
+#: system manager); docs/security.md has the figures before and after.  The
+#: run services and recovery keep root, the network and the host's users
+#: (images of every owner, remote backends); reload and alert keep root and
+#: its capabilities (a daemon-reload needs them; alerts get their own issue).
+EXPOSURE_LIMITS = {
+    "virt-dup@.service": 3.0,
+    "virt-dup-full@.service": 3.0,
+    "virt-dup-verify@.service": 3.0,
+    "virt-dup-recover.service": 3.0,
+    "virt-dup-reload.service": 3.5,
+    "virt-dup-alert@.service": 3.5,
+}
+
+
+def exposure(unit: Path) -> float:
+    """The overall exposure ``systemd-analyze security --offline`` gives a unit
+    file, with the drop-ins next to it."""
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
+    assert found, result.stdout + result.stderr
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("unit", sorted(EXPOSURE_LIMITS))
+def test_every_service_is_locked_down(tmp_path: Path, unit: str) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    systemd_units.write_installation(render(settings(tmp_path, command=(sys.executable,))))
+
+    assert exposure(tmp_path / "units" / unit) <= EXPOSURE_LIMITS[unit]
+
+
+def test_the_exposure_figure_sees_the_sandbox_drop_ins(tmp_path: Path) -> None:
+    """The limits above mean something: without the system sandbox the same
+    service is far more exposed."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    systemd_units.write_installation(render(settings(tmp_path, command=(sys.executable,))))
+    service = tmp_path / "units" / "virt-dup@.service"
+    (service.parent / "virt-dup@.service.d" / SYSTEM_DROP_IN).unlink()
+
+    assert exposure(service) > 5.0
+
+
+def test_install_units_creates_the_state_cache_and_backend_dirs_virt_dup_yml_names(
+    tmp_path: Path,
+) -> None:
+    """systemd creates only StateDirectory=/CacheDirectory=; under
+    ProtectSystem=strict a run cannot create another one itself."""
+    state, cache = tmp_path / "srv" / "state", tmp_path / "srv" / "cache"
+    backend = tmp_path / "srv" / "back ups"
+    config = parse_config(
+        f"state_dir: {state}\ncache_dir: {cache}\n"
+        f"backends:\n  here: file://{str(backend).replace(' ', '%20')}\n  there: sftp://h/x\n",
+        tmp_path / "v.yml",
+    )
+    install_settings = systemd_units.InstallSettings.from_config(
+        config,
+        scope="system",
+        unit_directory=tmp_path / "units",
+        generator_directory=tmp_path / "generators",
+        command=("/usr/bin/virt-dup",),
+    )
+
+    systemd_units.write_installation(render(install_settings))
+
+    assert install_settings.own_directories == (state, cache, backend)
+    for directory in (state, cache, backend):
+        assert directory.is_dir() and directory.stat().st_mode & 0o777 == 0o700
+    defaults = systemd_units.InstallSettings.from_config(parse_config("", tmp_path / "v.yml"))
+    assert defaults.own_directories == ()  # systemd makes /var/lib/virt-dup...
