@@ -163,9 +163,11 @@ class BackupSource:
             list_backend(self.url, environment(self.target), target_secrets(self.target))
         )
         if plain:
-            more = f" and {len(plain) - 1} more" if len(plain) > 1 else ""
+            files = (
+                f"{plain[0]} and {len(plain) - 1} more are" if len(plain) > 1 else f"{plain[0]} is"
+            )
             raise SignatureNotVerified(
-                f"{where}: {plain[0]}{more} is not encrypted, so its signature cannot verify; "
+                f"{where}: {files} not encrypted, so no signature can verify; "
                 "restore.require_signature refuses the collection"
             )
 

@@ -61,7 +61,7 @@ def test_one_plain_file_in_the_collection_is_refused(tmp_path: Path) -> None:
         source(backend).check_signable()
     message = str(caught.value)
     assert message.startswith(f"job {JOB} on file://{backend}/{JOB}: ")
-    assert f"duplicity-full.{FULL}.vol2.difftar.gz is not encrypted" in message
+    assert f"duplicity-full.{FULL}.vol2.difftar.gz is not encrypted, so no signature" in message
     assert "\n" not in message
 
 
