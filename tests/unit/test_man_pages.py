@@ -128,6 +128,7 @@ def test_example_configuration_mentions_every_key() -> None:
         *config_module._TOP_LEVEL,
         *config_module._LIBVIRT_KEYS,
         *config_module._ENCRYPTION_KEYS,
+        *config_module._RESTORE_KEYS,
     )
     for key in keys:
         assert re.search(rf"^\s*(?:#\s*)?{key}:", text, re.MULTILINE), (
@@ -139,7 +140,11 @@ def test_configuration_page_documents_every_key_and_legacy_spelling() -> None:
     text = roff_plain((MAN / "virt-dup.yml.5").read_text(encoding="utf-8"))
     for key in config_module._TOP_LEVEL:
         assert re.search(rf"^\.BR? {key}\b", text, re.MULTILINE), f"no entry for {key}"
-    for key in (*config_module._LIBVIRT_KEYS, *config_module._ENCRYPTION_KEYS):
+    for key in (
+        *config_module._LIBVIRT_KEYS,
+        *config_module._ENCRYPTION_KEYS,
+        *config_module._RESTORE_KEYS,
+    ):
         assert re.search(rf"^\.BR? {key}\b", text, re.MULTILINE), f"no entry for {key}"
     for legacy in (*config_module._LEGACY_TOP_LEVEL, *config_module._IGNORED_LEGACY):
         assert legacy in text, f"legacy spelling {legacy} is not documented"

@@ -72,6 +72,16 @@ class PolicySettings:
 
 
 @dataclass(frozen=True)
+class RestoreSettings:
+    """How restores (and verifications) trust what they read from a backend."""
+
+    #: True: every backup read must carry a valid signature by ``encryption.sign_key``;
+    #: anyone who can write to a backend could otherwise replace a whole backup set
+    #: with one encrypted to the same public key.
+    require_signature: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole of virt-dup.yml, validated."""
 
@@ -81,6 +91,7 @@ class Config:
     backends: Mapping[str, str] = field(default_factory=dict)
     encryption: EncryptionSettings = EncryptionSettings()
     policy: PolicySettings = PolicySettings()
+    restore: RestoreSettings = RestoreSettings()
     defaults: JobOptions = BUILTIN_DEFAULTS
     state_dir: Path | None = None
     cache_dir: Path | None = None
@@ -260,7 +271,9 @@ _TOP_LEVEL = (
     "cache_dir",
     "randomized_delay",
     "policy",
+    "restore",
 )
+_RESTORE_KEYS = ("require_signature",)
 _POLICY_KEYS = ("allow_job_backend_urls", "require_encryption", "allowed_keys")
 _LIBVIRT_KEYS = ("uri", "username", "password_file", "flags", "config_dir")
 _ENCRYPTION_KEYS = ("keys", "sign_key", "gnupg_home", "passphrase_file")
@@ -312,6 +325,12 @@ class _Loader:
         backends = self.backends(sections.get("backends"), legacy.get(("backends", None)))
         encryption = self.encryption(sections.get("encryption"))
         policy = self.policy(sections.get("policy"))
+        restore = self.restore(sections.get("restore"))
+        if restore.require_signature and encryption.sign_key is None:
+            raise ConfigError(
+                f"{self.path}: restore.require_signature is true but encryption.sign_key is "
+                "not set: there is no key a restore could check signatures against"
+            )
         defaults = self.defaults(sections.get("defaults"), legacy)
         for name in defaults.backends or ():
             if "://" not in name and name not in backends:
@@ -332,6 +351,7 @@ class _Loader:
             backends=backends,
             encryption=encryption,
             policy=policy,
+            restore=restore,
             defaults=defaults,
             state_dir=self.optional_path(sections, "state_dir"),
             cache_dir=self.optional_path(sections, "cache_dir"),
@@ -508,6 +528,22 @@ class _Loader:
                 allowed_keys=parse_key_ids(section["allowed_keys"], "policy.allowed_keys")
                 if section.get("allowed_keys") is not None
                 else (),
+            )
+        except ConfigError as error:
+            raise ConfigError(f"{self.path}: {error}") from None
+
+    def restore(self, value: object) -> RestoreSettings:
+        section = self.mapping(value, "restore")
+        for key in section:
+            if key not in _RESTORE_KEYS:
+                raise self.unknown("restore.", key, _RESTORE_KEYS)
+        from virt_dup.config.options import parse_boolean
+
+        try:
+            return RestoreSettings(
+                require_signature=parse_boolean(
+                    section.get("require_signature", False), "restore.require_signature"
+                )
             )
         except ConfigError as error:
             raise ConfigError(f"{self.path}: {error}") from None

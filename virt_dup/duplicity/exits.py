@@ -24,6 +24,8 @@ class DuplicityExit(IntEnum):
     RESTORE_PATH_NOT_FOUND = 19
     NO_RESTORE_FILES = 20
     MISMATCHED_HASH = 21
+    #: Restoring with --sign-key, a volume was unsigned or signed by another key.
+    UNSIGNED_VOLUME = 22
     USER_ERROR = 23
     EXCEPTION = 30
     GPG_FAILED = 31

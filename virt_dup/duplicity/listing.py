@@ -65,6 +65,17 @@ def encrypted_on_backend(names: Iterable[str]) -> bool | None:
     return True in kinds
 
 
+def unencrypted_files(names: Iterable[str]) -> list[str]:
+    """The backup files (volumes, manifests, signatures) among ``names`` that are not
+    gpg files, sorted.
+
+    duplicity reads such a file as plain data, and checks signatures only
+    of the volumes it decrypts: one of these in a collection would be
+    restored without any check, whatever ``--sign-key`` says.
+    """
+    return sorted(name for name in names if _SET_FILE.match(name) and ".gpg" not in name)
+
+
 def job_directories(names: Iterable[str]) -> list[str]:
     """The entries of a backend root that are job collections (named by a job uuid,
     lower case, as ``run`` names them)."""

@@ -310,6 +310,29 @@ def restore_path_missing(error: CommandError) -> bool:
     )
 
 
+def signature_refused(error: CommandError) -> bool:
+    """Whether ``error`` says a volume read was not signed by the target's sign key."""
+    cause = error.__cause__
+    return isinstance(cause, CommandFailed) and cause.returncode == DuplicityExit.UNSIGNED_VOLUME
+
+
+def signature_problem(message: str, sign_key: str | None) -> str:
+    """duplicity's ``Volume was signed by key X, not Y`` in words.
+
+    duplicity compares only as many trailing hex digits as both ids have, and
+    says ``None`` for a volume with no good signature (unsigned, or signed by
+    a key the keyring does not hold), so ``Y`` can be as short as 4 digits:
+    name the whole configured key instead.
+    """
+    match = re.search(r"signed by key (\S+), not (\S+)", message)
+    if not match:
+        return message
+    expected = sign_key or match.group(2)
+    if match.group(1) == "None":
+        return f"a volume carries no valid signature (expected one by {expected})"
+    return f"a volume is signed by key {match.group(1)}, not by {expected}"
+
+
 def _read_records(
     read_end: int,
     records: list[LogRecord],
@@ -357,8 +380,12 @@ def _failure_message(
         return f"duplicity could not reach {where}: {reason}"
     if code in GPG_CODES:
         return f"duplicity {what} {where}: encryption failed: {reason}"
-    if code == DuplicityExit.RESTORE_PATH_EXISTS:
-        return f"duplicity {what} {where}: {reason} (restore into a new path)"
+    if code == DuplicityExit.UNSIGNED_VOLUME:
+        reason = f"the signature did not verify: {signature_problem(reason, target.sign_key)}"
+    elif code == DuplicityExit.RESTORE_PATH_EXISTS:
+        reason = f"{reason} (restore into a new path)"
+    if code in (DuplicityExit.UNSIGNED_VOLUME, DuplicityExit.RESTORE_PATH_EXISTS):
+        return f"duplicity {what} {where}: {reason}"
     meaning = EXIT_MEANINGS.get(code, "")
     return f"duplicity {what} {where} failed ({meaning or f'exit code {code}'}): {reason}"
 

@@ -49,9 +49,10 @@ from virt_dup.duplicity.listing import (
     job_directories,
     list_backend,
     set_sizes,
+    unencrypted_files,
 )
 from virt_dup.duplicity.protocol import ListedFile
-from virt_dup.duplicity.runner import Duplicity, restore_path_missing
+from virt_dup.duplicity.runner import Duplicity, restore_path_missing, signature_refused
 from virt_dup.duplicity.target import Target, environment, job_backend_url, job_target
 from virt_dup.duplicity.target import secrets as target_secrets
 from virt_dup.errors import (
@@ -69,11 +70,14 @@ from virt_dup.libvirt.metadata import Job, is_valid_uuid
 log = logging.getLogger(__name__)
 
 
-log = logging.getLogger(__name__)
-
-
 class BackupNotFound(NotFoundError):
     """No such job, backup or metadata on the backend."""
+
+
+class SignatureNotVerified(VirtDupError):
+    """A backup read from a backend is not signed by ``encryption.sign_key``
+    (or cannot be: unencrypted), and ``restore.require_signature`` or
+    duplicity refused it."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,8 @@ class BackupSource:
     target: Target
     #: The job as defined here (None: found on a backend only).
     job: Job | None = None
+    #: Every read must be signed by the target's sign key (``restore.require_signature``).
+    require_signature: bool = False
     #: How duplicity is run to read it.
     runner: Duplicity = field(default_factory=Duplicity, compare=False)
 
@@ -106,6 +112,64 @@ class BackupSource:
     @property
     def display_url(self) -> str:
         return self.target.display_url
+
+    def restore(
+        self, destination: str | os.PathLike[str], *, time: str, path_to_restore: str
+    ) -> None:
+        """Restore ``path_to_restore`` of the backup at ``time`` to ``destination``:
+        every read of a backup's contents goes through here.
+
+        With :attr:`require_signature`, the collection is first checked to hold
+        only encrypted files (:meth:`check_signable`), and duplicity gets the
+        sign key, so it refuses a volume not signed by it.  A refused
+        signature raises :class:`SignatureNotVerified` (one line naming the
+        job and the backend); duplicity may have written part of the file to
+        ``destination`` by then (it checks a volume's signature when it has
+        read it): the caller removes it.  Raises :class:`CommandError` too.
+        """
+        if self.require_signature:
+            self.check_signable()
+        try:
+            self.runner.restore(
+                self.target, destination, time=time, path_to_restore=path_to_restore
+            )
+        except CommandError as error:
+            if signature_refused(error):
+                said = str(error)
+                detail = said.partition("the signature did not verify: ")[2] or said
+                raise SignatureNotVerified(
+                    f"job {self.job_uuid}: backup {time} on {self.display_url}: the signature "
+                    f"did not verify: {detail}; refused, it is not known to be genuine"
+                ) from error
+            raise
+
+    def check_signable(self) -> None:
+        """Raises :class:`SignatureNotVerified` unless every read of this collection
+        can be signature-checked: the target decrypts with a sign key, and the
+        backend holds no unencrypted backup file (duplicity reads those as plain
+        data, unchecked, whatever ``--sign-key`` says).
+
+        The backend is listed just before each read, so the window in which a
+        file could be swapped for a plain one is that of one duplicity start.
+        """
+        where = f"job {self.job_uuid} on {self.display_url}"
+        if self.target.encryption != "gpg" or not self.target.sign_key:
+            raise SignatureNotVerified(
+                f"{where}: the backups are not encrypted (encryption: none, or no "
+                "encrypted file on the backend), so no signature can verify; "
+                "restore.require_signature refuses them"
+            )
+        plain = unencrypted_files(
+            list_backend(self.url, environment(self.target), target_secrets(self.target))
+        )
+        if plain:
+            files = (
+                f"{plain[0]} and {len(plain) - 1} more are" if len(plain) > 1 else f"{plain[0]} is"
+            )
+            raise SignatureNotVerified(
+                f"{where}: {files} not encrypted, so no signature can verify; "
+                "restore.require_signature refuses the collection"
+            )
 
 
 def source_for_job(config: Config, job: Job) -> BackupSource:
@@ -118,7 +182,9 @@ def source_for_job(config: Config, job: Job) -> BackupSource:
         )
     backend_url = config.backend_url(options.backends[0])
     target = job_target(config, job.uuid, options, backend_url, writing=False)
-    return BackupSource(job.uuid, backend_url, target, job)
+    return BackupSource(
+        job.uuid, backend_url, target, job, require_signature=config.restore.require_signature
+    )
 
 
 def backend_sources(config: Config, backend_url: str) -> list[BackupSource]:
@@ -132,7 +198,14 @@ def backend_sources(config: Config, backend_url: str) -> list[BackupSource]:
             encrypted = (config.defaults.encryption or "gpg") == "gpg"
         options = replace(config.defaults, encryption="gpg" if encrypted else "none")
         target = job_target(config, job_uuid, options, backend_url, writing=False)
-        sources.append(BackupSource(job_uuid, backend_url, target))
+        sources.append(
+            BackupSource(
+                job_uuid,
+                backend_url,
+                target,
+                require_signature=config.restore.require_signature,
+            )
+        )
     return sources
 
 
@@ -186,8 +259,10 @@ def sources_on_backends(
             try:
                 metadata = latest_metadata(config, source, report)
             except VirtDupError as error:
-                if wanted is None:
+                if wanted is None or isinstance(error, SignatureNotVerified):
+                    # A refused signature is worth saying even when it hides the job sought.
                     log.warning("job %s on %s: %s", source.job_uuid, backend_url, error)
+                if wanted is None:
                     found.append((source, None))
                 continue
             manifest = metadata.manifest
@@ -350,7 +425,7 @@ def fetch_metadata(
     Raises :class:`BackupNotFound` or :class:`CommandError`.
     """
     cache = metadata_cache(config, source.job_uuid, backup_id)
-    if use_cache and (cache / MANIFEST).is_file() and (cache / "folder").is_file():
+    if use_cache and (cache / MANIFEST).is_file() and _cache_trusted(cache, source):
         try:
             return _read_metadata_folder(cache, f"{cache}", (cache / "folder").read_text().strip())
         except VirtDupError as error:
@@ -377,7 +452,8 @@ def fetch_metadata(
         metadata = _read_metadata_folder(
             destination, f"backup {backup_id} on {source.display_url}", folder
         )
-        _cache_metadata(cache, destination, folder)
+        signed_by = source.target.sign_key if source.require_signature else None
+        _cache_metadata(cache, destination, folder, signed_by)
     if metadata.manifest.job_uuid != source.job_uuid:
         raise VirtDupError(
             f"backup {backup_id} on {source.display_url}: its manifest is of job "
@@ -397,7 +473,7 @@ def latest_metadata(
 def _restore_folder(source: BackupSource, backup_id: str, folder: str, destination: Path) -> bool:
     """Restore ``folder`` of the backup into ``destination``; False when it is not there."""
     try:
-        source.runner.restore(source.target, destination, time=backup_id, path_to_restore=folder)
+        source.restore(destination, time=backup_id, path_to_restore=folder)
     except CommandError as error:
         if restore_path_missing(error):
             shutil.rmtree(destination, ignore_errors=True)
@@ -406,12 +482,36 @@ def _restore_folder(source: BackupSource, backup_id: str, folder: str, destinati
     return (destination / MANIFEST).is_file()
 
 
-def _cache_metadata(cache: Path, restored: Path, folder: str) -> None:
+#: In a metadata cache: the sign key duplicity checked the metadata's volumes against.
+_SIGNED_BY = "signed-by"
+
+
+def _cache_trusted(cache: Path, source: BackupSource) -> bool:
+    """Whether the cached metadata may stand in for a read of the backend: it is
+    complete and, when every read must be signed, was read checking the same key
+    (a cache filled before ``restore.require_signature`` was set proves nothing)."""
+    if not (cache / "folder").is_file():
+        return False
+    if not source.require_signature:
+        return True
+    try:
+        return (cache / _SIGNED_BY).read_text().strip() == source.target.sign_key
+    except OSError:
+        return False
+
+
+def _cache_metadata(cache: Path, restored: Path, folder: str, signed_by: str | None) -> None:
+    """Keep what was restored; ``signed_by``: the key duplicity checked its volumes
+    against (None: unchecked)."""
     try:
         cache.mkdir(parents=True, exist_ok=True, mode=0o700)
         for name in (MANIFEST, DOMAIN_XML, CHECKSUMS):
             if (restored / name).is_file():
                 write_atomically(cache / name, (restored / name).read_text(encoding="utf-8"))
+        if signed_by is not None:
+            write_atomically(cache / _SIGNED_BY, signed_by + "\n")
+        else:
+            (cache / _SIGNED_BY).unlink(missing_ok=True)
         write_atomically(cache / "folder", folder + "\n")
     except OSError as error:  # a cache is a convenience
         log.debug("cannot cache metadata in %s: %s", cache, error)

@@ -51,9 +51,6 @@ from virt_dup.systemd import journal
 log = logging.getLogger(__name__)
 
 
-log = logging.getLogger(__name__)
-
-
 STAGED_PREFIX = ".virt-dup-restore."
 
 
@@ -155,7 +152,7 @@ def fetch_and_check(
         workspace.make_directory(os.path.dirname(entry.destination))
         staged = workspace.stage_path(entry.destination)
         report(f"[{number}/{len(files)}] restoring {entry.original}")
-        source.runner.restore(source.target, staged, time=backup_id, path_to_restore=entry.stored)
+        source.restore(staged, time=backup_id, path_to_restore=entry.stored)
         if not os.path.isfile(staged):
             raise RestoreError(f"duplicity restored no file for {entry.original}")
         digest = sha256_file(staged)

@@ -247,3 +247,53 @@ def test_a_job_beyond_the_policy_is_one_line(tmp_path: Path, options: dict, mess
 def test_an_unknown_policy_key_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="policy"):
         parse_config("policy:\n  allow_backends: false\n", tmp_path / "virt-dup.yml")
+
+
+# -- restore: what a restore demands of what it reads -----------------------------------------
+
+
+def test_require_signature_is_off_unless_set() -> None:
+    assert parse_config("", PATH).restore.require_signature is False
+    config = parse_config(f"encryption:\n  sign_key: {FINGERPRINT}\nrestore: {{}}\n", PATH)
+    assert config.restore.require_signature is False
+
+
+def test_require_signature_with_a_sign_key() -> None:
+    config = parse_config(
+        f"encryption:\n  keys: [{FINGERPRINT}]\n  sign_key: {FINGERPRINT}\n"
+        "restore:\n  require_signature: true\n",
+        PATH,
+    )
+    assert config.restore.require_signature is True
+    assert config.encryption.sign_key == FINGERPRINT
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "restore:\n  require_signature: true\n",
+            "restore.require_signature is true but encryption.sign_key is not set",
+        ),
+        (
+            f"encryption:\n  keys: [{FINGERPRINT}]\nrestore:\n  require_signature: true\n",
+            "restore.require_signature is true but encryption.sign_key is not set",
+        ),
+        (
+            f"encryption:\n  sign_key: {FINGERPRINT}\nrestore:\n  require_signature: maybe\n",
+            "restore.require_signature: expected true or false",
+        ),
+        (
+            f"encryption:\n  sign_key: {FINGERPRINT}\nrestore:\n  require_signatures: true\n",
+            "restore.require_signatures: unknown key (did you mean require_signature?)",
+        ),
+        ("restore: [require_signature]\n", "restore: expected a mapping"),
+        ("restore: true\n", "restore: expected a mapping"),
+    ],
+)
+def test_a_bad_restore_section_is_one_line(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, PATH)
+    assert str(caught.value).startswith(f"{PATH}: ")
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)

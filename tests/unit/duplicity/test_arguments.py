@@ -467,3 +467,46 @@ def test_failure_reason_from_the_error_record() -> None:
     assert runner._reason(gpg_error) == (
         "gpg: DEADBEEF: skipped: No public key; gpg: [stdin]: encryption failed: No public key"
     )
+
+
+# --- a volume whose signature does not verify (exit 22) ------------------------------
+@pytest.mark.parametrize(
+    ("said", "meant"),
+    [
+        # duplicity 3.2.1 says "None" for no good signature and compares only as many
+        # trailing digits as both ids have: 4 here.
+        (
+            "Volume was signed by key None, not 8B2E",
+            f"a volume carries no valid signature (expected one by {KEY})",
+        ),
+        (
+            "Volume was signed by key 076CC10442FB138E, not 3AD30341F7828B2E",
+            f"a volume is signed by key 076CC10442FB138E, not by {KEY}",
+        ),
+        ("something else", "something else"),
+    ],
+)
+def test_an_unverified_signature_in_words(said: str, meant: str) -> None:
+    assert runner.signature_problem(said, KEY) == meant
+
+
+def test_an_unsigned_volume_is_one_line_saying_the_signature_did_not_verify() -> None:
+    from virt_dup.duplicity.protocol import LogRecord
+    from virt_dup.execute import CommandFailed
+
+    failure = CommandFailed(
+        "duplicity restore ... exited 22",
+        command="duplicity restore ...",
+        returncode=22,
+        stderr_tail=(),
+    )
+    record = LogRecord("ERROR", 22, (), "Volume was signed by key None, not 8B2E")
+    message = runner._failure_message(target(sign_key=KEY), "restore from", failure, [record])
+    assert message == (
+        "duplicity restore from sftp://backup@nas.example/vm01: the signature did not "
+        f"verify: a volume carries no valid signature (expected one by {KEY})"
+    )
+    error = CommandError(message)
+    error.__cause__ = failure
+    assert runner.signature_refused(error)
+    assert not runner.restore_path_missing(error)

@@ -18,6 +18,7 @@ from virt_dup.duplicity.listing import (
     job_directories,
     list_backend,
     set_sizes,
+    unencrypted_files,
 )
 from virt_dup.errors import CommandError
 
@@ -161,3 +162,24 @@ def test_a_file_backend_that_is_a_file_is_an_error(tmp_path: Path) -> None:
     not_a_directory.write_text("")
     with pytest.raises(CommandError, match=f"cannot list {not_a_directory}: "):
         list_backend(f"file://{not_a_directory}")
+
+
+def test_unencrypted_files_are_the_backup_files_without_gpg() -> None:
+    # duplicity decides "encrypted" per file name, and checks signatures only
+    # when it decrypts: a plain volume in an encrypted set is read unchecked.
+    listing = [
+        f"duplicity-full.{FULL}.manifest.gpg",
+        f"duplicity-full.{FULL}.vol1.difftar.gpg",
+        f"duplicity-full.{FULL}.vol2.difftar.gz",
+        f"duplicity-full-signatures.{FULL}.sigtar.gpg",
+        f"duplicity-inc.{FULL}.to.{INC}.vol1.difftar",
+        f"duplicity-new-signatures.{FULL}.to.{INC}.sigtar.gz",
+        "README",
+        "lost+found",
+    ]
+    assert unencrypted_files(listing) == [
+        f"duplicity-full.{FULL}.vol2.difftar.gz",
+        f"duplicity-inc.{FULL}.to.{INC}.vol1.difftar",
+        f"duplicity-new-signatures.{FULL}.to.{INC}.sigtar.gz",
+    ]
+    assert unencrypted_files(listing[:2]) == []
