@@ -31,6 +31,8 @@ _DERIVED_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, NAMESPACE + "#job")
 _NS = "{" + NAMESPACE + "}"
 # Disk selectors: the original's attributes and children, and ours.
 _DISK_CHILDREN = ("dev", "path")
+#: libvirt keeps a domain as ``<config dir>/<name>.xml``: a longer name is no file it wrote.
+_MAX_DOMAIN_NAME = 255 - len(".xml")
 
 
 def safe_parser() -> etree.XMLParser:
@@ -236,6 +238,11 @@ def parse_domain_xml(text: str | bytes, where: str) -> tuple[str, str, list[Job]
     domain_uuid = (root.findtext("uuid") or "").strip().lower()
     if not name or not is_valid_uuid(domain_uuid):
         raise ConfigError(f"{where}: domain without a valid <name> and <uuid>")
+    if len(name.encode()) > _MAX_DOMAIN_NAME:
+        raise ConfigError(
+            f"{where}: domain name of {len(name.encode())} bytes; libvirt's are at most "
+            f"{_MAX_DOMAIN_NAME}"
+        )
     return name, domain_uuid, parse_instance(instance_element(root), name, domain_uuid, where)
 
 
