@@ -6,6 +6,14 @@ line the user sees; ``exit_code`` is what the process returns.
 
 from __future__ import annotations
 
+
+def shown(text: str) -> str:
+    """User-given text as an error line quotes it: as it is when printable, else
+    in Python's escaped form, so that a newline in an argument cannot start a
+    line of its own (in the terminal or the journal)."""
+    return text if text.isprintable() else repr(text)
+
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2

@@ -27,7 +27,7 @@ from virt_dup import __version__
 from virt_dup.backup.plan import Plan
 from virt_dup.errors import NotFoundError, VirtDupError
 from virt_dup.files import sha256_file, write_atomically
-from virt_dup.libvirt.metadata import render_instance
+from virt_dup.libvirt.metadata import is_valid_uuid, render_instance
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +85,24 @@ class ManifestFile:
     @classmethod
     def from_json(cls, entry: Mapping[str, Any]) -> ManifestFile:
         actual_size = entry.get("actual_size")
+        backing_format = entry.get("backing_format")
+        selected = entry["selected"]
+        if not isinstance(selected, bool):
+            raise ValueError(f"selected {selected!r} is not true or false")
+        sha256 = entry.get("sha256")
+        if sha256 is not None and not (isinstance(sha256, str) and _SHA256.fullmatch(sha256)):
+            raise ValueError(f"sha256 {_shown(sha256)} is not 64 hex digits")
         return cls(
             path=image_path(entry["path"], "file"),
-            format=str(entry["format"]),
-            virtual_size=int(entry["virtual_size"]),
-            backing_file=entry.get("backing_file"),
-            backing_format=entry.get("backing_format"),
-            selected=bool(entry["selected"]),
-            sha256=entry.get("sha256"),
-            actual_size=None if actual_size is None else int(actual_size),
+            format=image_format(entry["format"], "format"),
+            virtual_size=image_size(entry["virtual_size"], "virtual_size"),
+            backing_file=backing_string(entry.get("backing_file")),
+            backing_format=None
+            if backing_format is None
+            else image_format(backing_format, "backing_format"),
+            selected=selected,
+            sha256=sha256,
+            actual_size=None if actual_size is None else image_size(actual_size, "actual_size"),
             backed_up_as=None
             if entry.get("backed_up_as") is None
             else image_path(entry["backed_up_as"], "backed_up_as"),
@@ -121,11 +130,14 @@ class ManifestDisk:
 
     @classmethod
     def from_json(cls, disk: Mapping[str, Any]) -> ManifestDisk:
-        return cls(
-            target=disk_name(disk["target"]),
-            top=image_path(disk["top"], "top"),
-            files=tuple(ManifestFile.from_json(entry) for entry in disk["files"]),
-        )
+        target = disk_name(disk["target"])
+        if not isinstance(disk["files"], list) or not disk["files"]:
+            raise ValueError(f"disk {target}: files {_shown(disk['files'])} is not a list of files")
+        files = tuple(ManifestFile.from_json(entry) for entry in disk["files"])
+        paths = [entry.path for entry in files]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"disk {target}: a file is in its chain twice")
+        return cls(target=target, top=image_path(disk["top"], "top"), files=files)
 
 
 @dataclass(frozen=True)
@@ -167,15 +179,24 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Manifest:
+        if not isinstance(data["disks"], list):
+            raise ValueError(f"disks {_shown(data['disks'])} is not a list")
+        disks = tuple(ManifestDisk.from_json(disk) for disk in data["disks"])
+        targets = [disk.target for disk in disks]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"disk targets {', '.join(targets)}: a disk is in it twice")
+        options = data["job"].get("options") or {}
+        if not isinstance(options, dict):
+            raise ValueError(f"job options {_shown(options)} are not a mapping")
         return cls(
-            domain_name=str(data["domain"]["name"]),
-            domain_uuid=str(data["domain"]["uuid"]),
-            job_uuid=str(data["job"]["uuid"]),
+            domain_name=one_line(data["domain"]["name"], "domain name"),
+            domain_uuid=uuid_text(data["domain"]["uuid"], "domain uuid"),
+            job_uuid=uuid_text(data["job"]["uuid"], "job uuid"),
             created=str(data.get("created", "")),
             full=bool(data.get("full")),
             host=str(data.get("host", "")),
-            disks=tuple(ManifestDisk.from_json(disk) for disk in data["disks"]),
-            options=dict(data["job"].get("options") or {}),
+            disks=disks,
+            options=options,
             job_xml=str(data["job"].get("xml") or ""),
             virt_dup_version=str(data.get("virt_dup_version", "")),
         )
@@ -186,13 +207,70 @@ _DISK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: What a file name in a backup may be: no directory, no NUL, bounded.
 _FILE_NAME = re.compile(r"[^/\x00]{1,255}")
 _MAX_PATH = 4096
+#: qemu's format names (qcow2, raw, vmdk...): a word, never an option or a JSON spec.
+_FORMAT = re.compile(r"[a-z][a-z0-9]{0,15}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+#: No disk image is larger (qemu's own limit is 2**63 bytes).
+_MAX_SIZE = 2**63 - 1
+
+
+def _shown(value: object) -> str:
+    """A value read from a backend as an error message quotes it: short."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:60]}... ({len(text)} characters)"
+
+
+def image_size(value: object, what: str) -> int:
+    """A size in bytes read from a backup: an integer from 0 to 2**63-1; ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_SIZE:
+        raise ValueError(f"{what} {_shown(value)} is not a size in bytes")
+    return value
+
+
+def image_format(value: object, what: str) -> str:
+    """An image format name read from a backup (``qcow2``, ``raw``); ValueError otherwise."""
+    if not isinstance(value, str) or not _FORMAT.fullmatch(value):
+        raise ValueError(f"{what} {_shown(value)} is not an image format name")
+    return value
+
+
+def backing_string(value: object) -> str | None:
+    """The backing file string of an image header, as a backup recorded it: text of
+    at most 4096 bytes without control characters (qemu's header holds no more)."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or len(value.encode()) > _MAX_PATH
+        or any(ord(character) < 32 or ord(character) == 127 for character in value)
+    ):
+        raise ValueError(f"backing_file {_shown(value)} is not a backing file name")
+    return value
+
+
+def one_line(value: object, what: str) -> str:
+    """Text read from a backup that messages show: one line, bounded."""
+    if (
+        not isinstance(value, str)
+        or len(value) > 1024
+        or any(ord(character) < 32 or ord(character) == 127 for character in value)
+    ):
+        raise ValueError(f"{what} {_shown(value)} is not one line of text")
+    return value
+
+
+def uuid_text(value: object, what: str) -> str:
+    """A UUID read from a backup (job ids name cache directories); ValueError otherwise."""
+    if not isinstance(value, str) or not is_valid_uuid(value):
+        raise ValueError(f"{what} {_shown(value)} is not a UUID")
+    return value.lower()
 
 
 def disk_name(value: object) -> str:
     """A disk target read from a backup, as a safe name (letters, digits, ``._-``,
     no ``..``); ValueError otherwise: a backend is not trusted to name paths."""
     if not isinstance(value, str) or not _DISK_NAME.fullmatch(value) or ".." in value:
-        raise ValueError(f"disk target {value!r} is not a name (letters, digits, ._-)")
+        raise ValueError(f"disk target {_shown(value)} is not a name (letters, digits, ._-)")
     return value
 
 
@@ -208,7 +286,7 @@ def image_path(value: object, what: str) -> str:
         or not _FILE_NAME.fullmatch(os.path.basename(value))
         or os.path.basename(value) in (".", "..")
     ):
-        raise ValueError(f"{what} {value!r} is not an absolute, normalized file path")
+        raise ValueError(f"{what} {_shown(value)} is not an absolute, normalized file path")
     return value
 
 
@@ -228,6 +306,8 @@ def parse_manifest(text: str, where: str) -> Manifest:
         return Manifest.from_json(data)
     except VirtDupError:
         raise
+    except RecursionError:
+        raise VirtDupError(f"{where}: not a virt-dup manifest: nested too deeply") from None
     except ValueError as error:
         raise VirtDupError(f"{where}: not a virt-dup manifest: {error}") from None
     except (KeyError, TypeError, AttributeError) as error:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from virt_dup import __version__
 from virt_dup.cli.completion import complete_domains, complete_jobs
 from virt_dup.config.load import SCOPES
-from virt_dup.config.options import OPTIONS
+from virt_dup.config.options import OPTIONS, is_backend_url
 from virt_dup.errors import UsageError
 
 PROGRAM = "virt-dup"
@@ -31,6 +31,16 @@ if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[ArgumentParser]
     #: A verb: the function that declares its arguments, and its handler.
     Verb = tuple[Callable[[Subparsers], ArgumentParser], Callable[[Any], int]]
+
+
+def backend_url(text: str) -> str:
+    """``--backend URL``: a duplicity URL (``scheme://...``, no blanks), so that it
+    can never be read as an option by duplicity or the listing helper."""
+    if not is_backend_url(text):
+        raise argparse.ArgumentTypeError(
+            f"{text[:60]!r} is not a duplicity URL such as file:///srv/backups"
+        )
+    return text
 
 
 def add_add_job(subparsers: Subparsers) -> ArgumentParser:
@@ -229,7 +239,10 @@ def add_backups(subparsers: Subparsers) -> ArgumentParser:
         "domain", metavar="DOMAIN|JOB_UUID", nargs="?", help="default: every job found"
     ).completer = complete_domains  # type: ignore[attr-defined]
     backups.add_argument(
-        "--backend", metavar="URL", help="read this backend (its job directories) only"
+        "--backend",
+        metavar="URL",
+        type=backend_url,
+        help="read this backend (its job directories) only",
     )
     backups.add_argument("--json", action="store_true", help="machine-readable output")
     return backups
@@ -278,6 +291,7 @@ def add_restore(subparsers: Subparsers) -> ArgumentParser:
     restore.add_argument(
         "--backend",
         metavar="URL",
+        type=backend_url,
         help="the backend to restore from; the domain is found in the manifests there",
     )
     restore.add_argument(
@@ -302,7 +316,12 @@ def add_verify(subparsers: Subparsers) -> ArgumentParser:
     )
     verify.add_argument("job", metavar="JOB_UUID|DOMAIN").completer = complete_jobs  # type: ignore[attr-defined]
     verify.add_argument("backup_id", metavar="BACKUP_ID", nargs="?", help="default: the latest")
-    verify.add_argument("--backend", metavar="URL", help="the backend to read (default: the job's)")
+    verify.add_argument(
+        "--backend",
+        metavar="URL",
+        type=backend_url,
+        help="the backend to read (default: the job's)",
+    )
     verify.add_argument(
         "--scratch-dir",
         metavar="DIR",

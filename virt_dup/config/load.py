@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,9 @@ import yaml
 from virt_dup.config.options import (
     BACKEND_NAME,
     BUILTIN_DEFAULTS,
+    MAX_TEXT,
     JobOptions,
+    is_backend_url,
     masked_url,
     parse_options,
 )
@@ -32,6 +35,11 @@ DEFAULT_PATH = Path("/etc/virt-dup/virt-dup.yml")
 PATH_ENVIRONMENT = "VIRT_DUP_CONFIG"
 
 SCOPES = ("system", "user")
+
+#: A libvirt URI (``qemu:///system``, ``qemu+ssh://host/system``): never an option word.
+_LIBVIRT_URI = re.compile(r"[a-z][a-z0-9+._-]*://[^\s\x00-\x1f\x7f]*")
+#: libvirt's open flags are a C unsigned int.
+_MAX_LIBVIRT_FLAGS = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -236,17 +244,42 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
 def parse_config(text: str, path: Path) -> Config:
     """Validate the YAML text of a virt-dup.yml (see :func:`load_config`)."""
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
+    except ValueError:  # PyYAML's int(): more digits than Python converts
+        raise ConfigError(f"{path}: a number with more digits than any setting takes") from None
     if document is None:
         return Config(path=path)
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     return _Loader(path).load(document)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: the
+    second would silently win, as a typo would silently become a default."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # ``<<: *defaults``: explicit keys beside it win, as YAML says
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"the key {key!r} is given twice",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 # New keys are snake_case.  Old flat dash-case keys map onto them.
@@ -305,8 +338,10 @@ class _Loader:
     def text(self, value: object, where: str) -> str:
         if not isinstance(value, str) or not value.strip():
             raise self.error(where, "a non-empty string", value)
-        if any(ord(character) < 32 for character in value):
+        if any(ord(character) < 32 or ord(character) == 127 for character in value):
             raise self.error(where, "one line of text", value)
+        if len(value) > MAX_TEXT:
+            raise self.error(where, f"at most {MAX_TEXT} characters", f"{value[:40]}...")
         return value.strip()
 
     def absolute_path(self, value: object, where: str) -> Path:
@@ -424,12 +459,14 @@ class _Loader:
         return self.absolute_path(section[key], where + key)
 
     def timespan(self, value: object, where: str) -> str:
-        import re
-
-        text = str(value).strip() if isinstance(value, str | int) else ""
+        """A systemd time span; it goes into a unit file as it is, so blanks are
+        spaces only (a newline would start a directive of its own) and it is short."""
+        text = str(value).strip(" ") if isinstance(value, str | int) else ""
         unit = r"(?:us|ms|s|sec|seconds?|min|minutes?|m|h|hr|hours?|d|days?|w|weeks?)"
-        if not re.fullmatch(rf"(?:[0-9]+\s*{unit}?\s*)+", text) or text[-1] == " ":
-            raise self.error(where, "a systemd time span such as 30s, 10min or 1h", value)
+        pattern = rf"(?:[0-9]{{1,12}} *{unit}? *)+"
+        if len(text) > 64 or not re.fullmatch(pattern, text) or text[-1] == " ":
+            shown = value if len(str(value)) <= 40 else f"{str(value)[:40]}..."
+            raise self.error(where, "a systemd time span such as 30s, 10min or 1h", shown)
         return text
 
     def libvirt(self, value: object, legacy: dict[tuple[str, str | None], Any]) -> LibvirtSettings:
@@ -439,8 +476,12 @@ class _Loader:
                 raise self.unknown("libvirt.", key, _LIBVIRT_KEYS)
         uri = section.get("uri", legacy.get(("libvirt", "uri")))
         flags = section.get("flags", legacy.get(("libvirt", "flags"), 0))
-        if isinstance(flags, bool) or not isinstance(flags, int) or flags < 0:
-            raise self.error("libvirt.flags", "a non-negative integer", flags)
+        if (
+            isinstance(flags, bool)
+            or not isinstance(flags, int)
+            or not 0 <= flags <= _MAX_LIBVIRT_FLAGS
+        ):
+            raise self.error("libvirt.flags", "a non-negative integer below 2**32", flags)
         username = section.get("username", legacy.get(("libvirt", "username")))
         password = legacy.get(("libvirt", "password"))
         if password is not None:
@@ -449,6 +490,8 @@ class _Loader:
                 f"{self.path}: libvirt-password puts a secret in the configuration; "
                 "move it to a root-only file named by libvirt.password_file"
             )
+        if uri is not None and not _LIBVIRT_URI.fullmatch(self.text(uri, "libvirt.uri")):
+            raise self.error("libvirt.uri", "a libvirt URI such as qemu:///system", uri)
         return LibvirtSettings(
             uri=self.text(uri, "libvirt.uri") if uri is not None else None,
             username=self.text(username, "libvirt.username") if username is not None else None,
@@ -476,7 +519,7 @@ class _Loader:
                     f"{where}.{name}", "a name of ASCII letters, digits, '.', '-' and '_'"
                 )
             url_text = self.text(url, f"{where}.{name}")
-            if "://" not in url_text:
+            if not is_backend_url(url_text):
                 raise self.error(f"{where}.{name}", "a duplicity URL such as file:///srv/b", url)
             backends[name] = url_text
         return backends

@@ -33,9 +33,20 @@ _KEY_ID = re.compile(r"^(?:0x)?(?:[0-9A-Fa-f]{8}|[0-9A-Fa-f]{16}|[0-9A-Fa-f]{40}
 #: A backend is a name from virt-dup.yml or a duplicity URL.
 BACKEND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BACKEND_URL = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
+#: Longest one-line text an option takes: it may reach a unit file, whose
+#: lines systemd limits, and listings.
+MAX_TEXT = 4096
+#: Integers beyond 64 bits mean nothing to any option (and int() refuses long digit strings).
+_MAX_INTEGER = 2**63 - 1
 
 QUIESCE_POLICIES = ("auto", "required", "off")
 ENCRYPTION_MODES = ("gpg", "none")
+
+
+def is_backend_url(text: str) -> bool:
+    """Whether ``text`` is a duplicity URL (``scheme://...``, no blanks): it then
+    cannot be read as an option by the program it is given to."""
+    return bool(_BACKEND_URL.match(text)) and not any(ord(c) == 127 for c in text)
 
 
 def split_password(url: str) -> tuple[str, str | None]:
@@ -70,11 +81,21 @@ def parse_integer(value: object, where: str) -> int:
     """An integer, from YAML (int) or text ("-1")."""
     if isinstance(value, bool):
         raise _fail(where, "an integer", value)
-    if isinstance(value, int):
+    if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,19}", value.strip()):
+        value = int(value)
+    if isinstance(value, int) and abs(value) <= _MAX_INTEGER:
         return value
-    if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):
-        return int(value)
-    raise _fail(where, "an integer", value)
+    raise _fail(where, "an integer (at most 19 digits)", _shortened(value))
+
+
+def _shortened(value: object) -> object:
+    """A value as an error message quotes it: a huge one cut short."""
+    text = value if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_INTEGER:
+        text = f"{str(value)[:20]}... ({len(str(value))} digits)"
+    if text is not None and len(text) > 80:
+        return f"{text[:40]}... ({len(text)} characters)"
+    return value
 
 
 def parse_count(value: object, where: str) -> int:
@@ -103,7 +124,9 @@ def parse_text(value: object, where: str) -> str:
         raise _fail(where, "text", value)
     text = str(value)
     if any(ord(character) < 32 or ord(character) == 127 for character in text):
-        raise _fail(where, "one line of text without control characters", value)
+        raise _fail(where, "one line of text without control characters", _shortened(text))
+    if len(text) > MAX_TEXT:
+        raise _fail(where, f"at most {MAX_TEXT} characters", _shortened(text))
     return text
 
 
@@ -126,10 +149,13 @@ def interval_length(text: str) -> timedelta:
     The one interval grammar: options are checked with it and retention and
     ``full_every`` are measured with it.  Raises ValueError.
     """
-    pairs = re.findall(r"(\d+)([smhDWMY])", text)
+    pairs = re.findall(r"(\d{1,12})([smhDWMY])", text)
     if not pairs or "".join(number + unit for number, unit in pairs) != text:
-        raise ValueError(f"{text!r} is not an interval such as 30D, 2W, 6M or 1Y")
-    return timedelta(seconds=sum(int(number) * _INTERVAL_UNITS[unit] for number, unit in pairs))
+        raise ValueError(f"{text[:40]!r} is not an interval such as 30D, 2W, 6M or 1Y")
+    try:
+        return timedelta(seconds=sum(int(number) * _INTERVAL_UNITS[unit] for number, unit in pairs))
+    except OverflowError:  # timedelta stops at 999999999 days
+        raise ValueError(f"{text[:40]!r} is longer than any interval can be") from None
 
 
 def parse_interval(value: object, where: str) -> str:
@@ -139,7 +165,7 @@ def parse_interval(value: object, where: str) -> str:
         interval_length(text)
     except ValueError:
         raise _fail(
-            where, "an interval such as 30D, 2W, 6M or 1Y (units s m h D W M Y)", value
+            where, "an interval such as 30D, 2W, 6M or 1Y (units s m h D W M Y)", _shortened(value)
         ) from None
     return text
 
@@ -168,7 +194,7 @@ def parse_backends(value: object, where: str) -> tuple[str, ...]:
     """Backend names from virt-dup.yml or duplicity URLs, comma-separated."""
     items = _split_list(value, where)
     for item in items:
-        if not (BACKEND_NAME.match(item) or _BACKEND_URL.match(item)):
+        if not (BACKEND_NAME.match(item) or is_backend_url(item)):
             raise _fail(where, "backend names or duplicity URLs (scheme://...)", item)
     return tuple(items)
 

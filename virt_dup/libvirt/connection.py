@@ -22,7 +22,7 @@ import libvirt
 
 from virt_dup import NAMESPACE, NAMESPACE_PREFIX
 from virt_dup.config.load import Config
-from virt_dup.errors import ConfigError, LibvirtError, NotFoundError
+from virt_dup.errors import ConfigError, LibvirtError, NotFoundError, shown
 from virt_dup.libvirt.domain_xml import Disk, parse_disks
 from virt_dup.libvirt.metadata import (
     Job,
@@ -281,7 +281,7 @@ class Hypervisor:
             if job.uuid == wanted
         ]
         if not found:
-            raise NotFoundError(f"no job {job_uuid} in any domain on {self.uri}")
+            raise NotFoundError(f"no job {shown(job_uuid)} in any domain on {self.uri}")
         if len(found) > 1:
             raise ConfigError(duplicate_job_message(wanted, [job.domain_name for _d, job in found]))
         return found[0]

@@ -40,7 +40,7 @@ from pathlib import Path
 from lxml import etree
 
 from virt_dup import NAMESPACE
-from virt_dup.errors import ConfigError, NotFoundError, VirtDupError
+from virt_dup.errors import ConfigError, NotFoundError, VirtDupError, shown
 from virt_dup.libvirt.metadata import DiskSelector, parse_xml
 
 
@@ -106,12 +106,14 @@ def select_disks(disks: Sequence[Disk], selector: DiskSelector, domain_name: str
     for dev in selector.devs:
         if dev not in by_target:
             targets = ", ".join(by_target) or "none"
-            raise NotFoundError(f"domain {domain_name} has no disk {dev} (its disks: {targets})")
+            raise NotFoundError(
+                f"domain {domain_name} has no disk {shown(dev)} (its disks: {targets})"
+            )
         chosen.append(by_target[dev])
     for path in selector.paths:
         disk = by_path.get(real_path(path))
         if disk is None:
-            raise NotFoundError(f"{path} is not a disk of domain {domain_name}")
+            raise NotFoundError(f"{shown(path)} is not a disk of domain {domain_name}")
         chosen.append(disk)
     if selector.all_disks:
         chosen = [disk for disk in disks if disk.is_qcow2_file]

@@ -31,6 +31,8 @@ _DERIVED_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, NAMESPACE + "#job")
 _NS = "{" + NAMESPACE + "}"
 # Disk selectors: the original's attributes and children, and ours.
 _DISK_CHILDREN = ("dev", "path")
+#: libvirt keeps a domain as ``<config dir>/<name>.xml``: a longer name is no file it wrote.
+_MAX_DOMAIN_NAME = 255 - len(".xml")
 
 
 def safe_parser() -> etree.XMLParser:
@@ -138,17 +140,24 @@ def instance_element(domain_root: etree._Element) -> etree._Element | None:
 
 
 def parse_instance(
-    instance: etree._Element | None, domain_name: str, domain_uuid: str, where: str
+    instance: etree._Element | None,
+    domain_name: str,
+    domain_uuid: str,
+    where: str,
+    errors: list[str] | None = None,
 ) -> list[Job]:
     """Jobs of one domain from its ``<virt-dup:instance>`` element.
 
     Raises :class:`ConfigError` for a malformed job (bad option value,
-    bad uuid, unknown child element).
+    bad uuid, unknown child element); with ``errors`` given, such a job is
+    left out and its one-line error appended there instead (the generator:
+    a broken job must not cost the domain's other jobs their timers).
     """
     if instance is None:
         return []
     jobs: list[Job] = []
     seen: set[str] = set()
+    duplicated: set[str] = set()
     # Ids virt-dup once derived are written back explicitly; a job added by
     # hand later must not derive one of those again.
     explicit = {
@@ -161,33 +170,63 @@ def parse_instance(
         job_where = f"{where}: job {position + 1}"
         attributes: dict[str, str] = {str(k): str(v) for k, v in element.attrib.items()}
         raw_uuid = attributes.pop("uuid", None)
-        disks = _disk_selector(element, attributes, job_where)
-        parsed = parse_options(attributes, job_where)
+        derived = None
         if raw_uuid is None:
-            job_uuid = derived_job_uuid(domain_uuid, derived_ordinal)
-            while job_uuid in explicit:
+            # Before the job is checked: a broken job keeps its place, so the
+            # ids derived after it stay the same once it is fixed.
+            derived = derived_job_uuid(domain_uuid, derived_ordinal)
+            while derived in explicit:
                 derived_ordinal += 1
-                job_uuid = derived_job_uuid(domain_uuid, derived_ordinal)
+                derived = derived_job_uuid(domain_uuid, derived_ordinal)
             derived_ordinal += 1
-        elif is_valid_uuid(raw_uuid.strip()):
-            job_uuid = raw_uuid.strip().lower()
-        else:
-            raise ConfigError(f"{job_where}.uuid: expected a UUID, got {raw_uuid!r}")
-        if job_uuid in seen:
-            raise ConfigError(f"{job_where}: duplicate job uuid {job_uuid}")
-        seen.add(job_uuid)
-        jobs.append(
-            Job(
-                uuid=job_uuid,
-                domain_name=domain_name,
-                domain_uuid=domain_uuid,
-                disks=disks,
-                options=parsed.options,
-                uuid_derived=raw_uuid is None,
-                notices=parsed.notices,
+        try:
+            job = _parse_job(
+                element, attributes, (domain_name, domain_uuid), raw_uuid, derived, job_where
             )
-        )
-    return jobs
+        except ConfigError as error:
+            if errors is None:
+                raise
+            errors.append(str(error))
+            continue
+        if job.uuid in seen:
+            message = f"{job_where}: duplicate job uuid {job.uuid}"
+            if errors is None:
+                raise ConfigError(message)
+            # Which of the two would run is anybody's guess: neither gets a timer.
+            errors.append(message)
+            duplicated.add(job.uuid)
+        seen.add(job.uuid)
+        jobs.append(job)
+    return [job for job in jobs if job.uuid not in duplicated]
+
+
+def _parse_job(
+    element: etree._Element,
+    attributes: dict[str, str],
+    domain: tuple[str, str],
+    raw_uuid: str | None,
+    derived: str | None,
+    where: str,
+) -> Job:
+    """One job of ``domain`` (name, uuid) from its element; ``derived``: its id
+    when the element has none.  Raises :class:`ConfigError`."""
+    disks = _disk_selector(element, attributes, where)
+    parsed = parse_options(attributes, where)
+    if derived is not None:
+        job_uuid = derived
+    elif raw_uuid is not None and is_valid_uuid(raw_uuid.strip()):
+        job_uuid = raw_uuid.strip().lower()
+    else:
+        raise ConfigError(f"{where}.uuid: expected a UUID, got {raw_uuid!r}")
+    return Job(
+        uuid=job_uuid,
+        domain_name=domain[0],
+        domain_uuid=domain[1],
+        disks=disks,
+        options=parsed.options,
+        uuid_derived=derived is not None,
+        notices=parsed.notices,
+    )
 
 
 def _disk_selector(element: etree._Element, attributes: dict[str, str], where: str) -> DiskSelector:
@@ -224,10 +263,13 @@ def parse_instance_text(text: str | None, domain_name: str, domain_uuid: str) ->
     return parse_instance(root, domain_name, domain_uuid, where)
 
 
-def parse_domain_xml(text: str | bytes, where: str) -> tuple[str, str, list[Job]]:
+def parse_domain_xml(
+    text: str | bytes, where: str, errors: list[str] | None = None
+) -> tuple[str, str, list[Job]]:
     """(domain name, domain uuid, jobs) of a whole domain XML document.
 
     Used on libvirt's persistent config files, which the generator reads.
+    ``errors``: as for :func:`parse_instance`.
     """
     root = parse_xml(text, where)
     if root.tag != "domain":
@@ -236,7 +278,13 @@ def parse_domain_xml(text: str | bytes, where: str) -> tuple[str, str, list[Job]
     domain_uuid = (root.findtext("uuid") or "").strip().lower()
     if not name or not is_valid_uuid(domain_uuid):
         raise ConfigError(f"{where}: domain without a valid <name> and <uuid>")
-    return name, domain_uuid, parse_instance(instance_element(root), name, domain_uuid, where)
+    if len(name.encode()) > _MAX_DOMAIN_NAME:
+        raise ConfigError(
+            f"{where}: domain name of {len(name.encode())} bytes; libvirt's are at most "
+            f"{_MAX_DOMAIN_NAME}"
+        )
+    jobs = parse_instance(instance_element(root), name, domain_uuid, where, errors)
+    return name, domain_uuid, jobs
 
 
 def render_instance(jobs: Iterable[Job]) -> str:

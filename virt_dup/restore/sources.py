@@ -24,9 +24,11 @@ domain or job defined here).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -383,14 +385,43 @@ def metadata_cache(config: Config, job_uuid: str, backup_id: str) -> Path:
     return config.cache_directory / "metadata" / job_uuid / backup_id
 
 
-def _read_metadata_folder(folder: Path, where: str, original: str) -> BackupMetadata:
+#: The metadata files of a backup are small; a larger one is not virt-dup's.
+_MAX_METADATA_BYTES = 64 * 2**20
+
+
+def _read_metadata_file(path: Path, where: str) -> str:
+    """One file of a metadata folder restored from a backend: a regular file (a
+    symbolic link could name any file of this host, a FIFO would block),
+    bounded, UTF-8.  Raises :class:`VirtDupError`."""
     try:
-        manifest_text = (folder / MANIFEST).read_text(encoding="utf-8")
-        domain_xml = (folder / DOMAIN_XML).read_text(encoding="utf-8")
+        with open(path, "rb", opener=_no_follow) as file:
+            status = os.fstat(file.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise VirtDupError(f"{where}: {path.name} in the backup is not a regular file")
+            if status.st_size > _MAX_METADATA_BYTES:
+                raise VirtDupError(
+                    f"{where}: {path.name} in the backup is {status.st_size} bytes; refused"
+                )
+            return file.read(_MAX_METADATA_BYTES + 1).decode("utf-8")
+    except UnicodeDecodeError:
+        raise VirtDupError(f"{where}: {path.name} in the backup is not UTF-8 text") from None
     except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise VirtDupError(
+                f"{where}: {path.name} in the backup is a symbolic link; refused"
+            ) from None
         raise VirtDupError(
             f"{where}: incomplete metadata: {error.strerror}: {error.filename}"
         ) from None
+
+
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+
+
+def _read_metadata_folder(folder: Path, where: str, original: str) -> BackupMetadata:
+    manifest_text = _read_metadata_file(folder / MANIFEST, where)
+    domain_xml = _read_metadata_file(folder / DOMAIN_XML, where)
     return BackupMetadata(parse_manifest(manifest_text, where), domain_xml, original)
 
 
@@ -506,14 +537,14 @@ def _cache_metadata(cache: Path, restored: Path, folder: str, signed_by: str | N
     try:
         cache.mkdir(parents=True, exist_ok=True, mode=0o700)
         for name in (MANIFEST, DOMAIN_XML, CHECKSUMS):
-            if (restored / name).is_file():
-                write_atomically(cache / name, (restored / name).read_text(encoding="utf-8"))
+            if os.path.lexists(restored / name):
+                write_atomically(cache / name, _read_metadata_file(restored / name, str(cache)))
         if signed_by is not None:
             write_atomically(cache / _SIGNED_BY, signed_by + "\n")
         else:
             (cache / _SIGNED_BY).unlink(missing_ok=True)
         write_atomically(cache / "folder", folder + "\n")
-    except OSError as error:  # a cache is a convenience
+    except (OSError, VirtDupError) as error:  # a cache is a convenience
         log.debug("cannot cache metadata in %s: %s", cache, error)
 
 

@@ -37,6 +37,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -153,8 +154,7 @@ def fetch_and_check(
         staged = workspace.stage_path(entry.destination)
         report(f"[{number}/{len(files)}] restoring {entry.original}")
         source.restore(staged, time=backup_id, path_to_restore=entry.stored)
-        if not os.path.isfile(staged):
-            raise RestoreError(f"duplicity restored no file for {entry.original}")
+        check_regular_file(staged, entry.original)
         digest = sha256_file(staged)
         if digest != entry.sha256:
             raise ChecksumMismatch(
@@ -171,6 +171,27 @@ def fetch_and_check(
             result.warnings.append(warning)
         result.staged[entry.original] = staged
     return result
+
+
+def check_regular_file(staged: str, original: str) -> None:
+    """What duplicity restored for ``original`` must be a regular file of its own.
+
+    A backend decides what a backup holds: a symbolic link (or a device, a
+    directory) in its place would make every later step -- checksum, rebase,
+    hole digging, the hard link that places it -- act on whatever it names.
+    Raises :class:`RestoreError`.
+    """
+    try:
+        status = os.lstat(staged)
+    except FileNotFoundError:
+        raise RestoreError(f"duplicity restored no file for {original}") from None
+    if stat.S_ISLNK(status.st_mode):
+        raise RestoreError(
+            f"the backup holds a symbolic link to {os.readlink(staged)!r} for {original}, "
+            "not the file; refused"
+        )
+    if not stat.S_ISREG(status.st_mode):
+        raise RestoreError(f"the backup holds no regular file for {original}; refused")
 
 
 def check_bases(

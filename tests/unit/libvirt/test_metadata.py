@@ -145,3 +145,38 @@ def test_external_entity_is_refused() -> None:
     )
     with pytest.raises(ConfigError):
         parse_instance_text(external, "vm01", DOMAIN_UUID)
+
+
+def test_leniently_a_broken_job_is_left_out_and_the_others_keep_their_ids() -> None:
+    """The generator's reading: one broken job costs only its own timer, and the
+    ids derived after it are those it will have once it is fixed."""
+    broken = domain_xml(
+        f'<virt-dup:instance xmlns:virt-dup="{NAMESPACE}">'
+        '<virt-dup:job schedule="not cron"/><virt-dup:job schedule="@daily"/>'
+        "</virt-dup:instance>"
+    )
+    fixed = broken.replace("not cron", "@weekly")
+    errors: list[str] = []
+
+    _name, _uuid, jobs = parse_domain_xml(broken, "vm01.xml", errors)
+
+    assert [job.uuid for job in jobs] == [derived_job_uuid(DOMAIN_UUID, 1)]
+    assert [job.uuid for job in parse_domain_xml(fixed, "vm01.xml")[2]][1] == jobs[0].uuid
+    (error,) = errors
+    assert error.startswith("vm01.xml") and "job 1" in error and "not cron" in error
+    with pytest.raises(ConfigError, match="not cron"):
+        parse_domain_xml(broken, "vm01.xml")  # strictly (the CLI): the whole domain
+
+
+def test_leniently_two_jobs_with_one_id_are_both_left_out() -> None:
+    job = '<virt-dup:job uuid="11111111-2222-4333-8444-555555555555"/>'
+    text = domain_xml(
+        f'<virt-dup:instance xmlns:virt-dup="{NAMESPACE}">{job}{job}'
+        '<virt-dup:job uuid="21111111-2222-4333-8444-555555555555"/></virt-dup:instance>'
+    )
+    errors: list[str] = []
+
+    jobs = parse_domain_xml(text, "vm01.xml", errors)[2]
+
+    assert [job.uuid for job in jobs] == ["21111111-2222-4333-8444-555555555555"]
+    assert len(errors) == 1 and "duplicate job uuid" in errors[0]

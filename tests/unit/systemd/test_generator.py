@@ -268,7 +268,7 @@ def test_each_jobs_services_may_write_its_disks_backend_keys_and_nothing_else() 
     assert writable(generated, f"virt-dup@{JOB_ID}.service") == [
         '"-/srv/vm images"',
         '"-/var/lib/libvirt/images"',
-        '"-%h/.gnupg"',  # GnuPG's own home, of the unit's user
+        f'"-{Path.home()}/.gnupg"',  # GnuPG's own home, of the manager's user
     ]
 
 
@@ -325,7 +325,7 @@ def test_a_disk_path_that_cannot_be_made_writable_safely_is_left_out_with_a_warn
             ), line
     assert writable(generated, f"virt-dup@{JOB_ID}.service") == [
         '"-/var/lib/libvirt/images"',
-        '"-%h/.gnupg"',
+        f'"-{Path.home()}/.gnupg"',
     ]
     assert f"virt-dup@{JOB_ID}.timer" in generated.files  # the job keeps its timer
     assert any("cannot" in warning for warning in generated.warnings)
