@@ -185,6 +185,12 @@ def check_policy(config: Config, own: JobOptions, where: str) -> None:
         )
     if policy.require_encryption and effective.encryption == "none":
         raise ConfigError(f"{where}: encryption none, and the policy of {config.path} requires it")
+    if config.restore.require_signature and effective.encryption == "none":
+        # Unencrypted volumes carry no signature: every restore would refuse them.
+        raise ConfigError(
+            f"{where}: encryption none, but {config.path} sets restore.require_signature: "
+            "its backups could never be restored"
+        )
     keys = own.encryption_keys or ()
     if policy.allowed_keys:
         allowed = {key.upper().removeprefix("0X") for key in policy.allowed_keys}

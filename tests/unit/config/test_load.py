@@ -244,6 +244,23 @@ def test_a_job_beyond_the_policy_is_one_line(tmp_path: Path, options: dict, mess
     assert "pw" not in str(caught.value)
 
 
+def test_a_job_without_encryption_is_refused_when_restores_require_signatures(
+    tmp_path: Path,
+) -> None:
+    """Plain volumes carry no signature: such a job's backups could never be restored."""
+    from virt_dup.config.load import check_policy
+    from virt_dup.config.options import JobOptions
+
+    config = parse_config(
+        "encryption:\n  keys: [0123456789ABCDEF]\n  sign_key: 0123456789ABCDEF\n"
+        "restore:\n  require_signature: true\n",
+        tmp_path / "virt-dup.yml",
+    )
+    check_policy(config, JobOptions(), "job x")
+    with pytest.raises(ConfigError, match="could never be restored"):
+        check_policy(config, JobOptions(encryption="none"), "job x")
+
+
 def test_an_unknown_policy_key_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="policy"):
         parse_config("policy:\n  allow_backends: false\n", tmp_path / "virt-dup.yml")
