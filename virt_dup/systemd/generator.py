@@ -14,6 +14,7 @@ is the thin I/O shell systemd calls.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import urllib.parse
 from collections.abc import Iterable, Sequence
@@ -274,10 +275,31 @@ def read_domain_files(directory: Path) -> tuple[list[tuple[str, bytes]], list[st
     for name in names:
         path = directory / name
         try:
-            files.append((str(path), path.read_bytes()))
+            files.append((str(path), _read_domain_file(path)))
         except OSError as error:
             warnings.append(f"skipped {path}: {error.strerror}")
+        except ConfigError as error:
+            warnings.append(f"skipped {path}: {error}")
     return files, warnings
+
+
+#: No domain definition comes near this (libvirt's own are a few KiB).
+MAX_DOMAIN_FILE_BYTES = 16 * 1024 * 1024
+
+
+def _read_domain_file(path: Path) -> bytes:
+    """A regular file's bytes, bounded: a FIFO named ``*.xml`` must not hang
+    the boot, nor a link to /dev/zero fill the memory.  Raises OSError or
+    :class:`ConfigError`."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(descriptor, "rb") as file:
+        status = os.fstat(file.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise ConfigError("not a regular file")
+        data = file.read(MAX_DOMAIN_FILE_BYTES + 1)
+    if len(data) > MAX_DOMAIN_FILE_BYTES:
+        raise ConfigError(f"larger than {MAX_DOMAIN_FILE_BYTES} bytes")
+    return data
 
 
 def write_units(generated: GeneratedUnits, output_dir: Path) -> None:
@@ -285,7 +307,7 @@ def write_units(generated: GeneratedUnits, output_dir: Path) -> None:
     for relative, text in generated.files.items():
         path = output_dir / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.write_text(text, encoding="utf-8")
     for relative, target in generated.symlinks.items():
         link = output_dir / relative
         link.parent.mkdir(parents=True, exist_ok=True)

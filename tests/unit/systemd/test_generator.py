@@ -335,3 +335,27 @@ def test_a_percent_in_a_disk_path_is_no_specifier() -> None:
     domain = domain_with_disks("<source file='/srv/%h/x.qcow2'/>")
     generated = render_units(parse_config("", Path("c.yml")), [("vm.xml", domain)])
     assert writable(generated, f"virt-dup@{JOB_ID}.service")[0] == '"-/srv/%%h"'
+
+
+def test_a_fifo_or_a_huge_file_among_the_definitions_is_skipped_not_waited_for(
+    tmp_path: Path,
+) -> None:
+    """A FIFO named *.xml would hang the boot; a link to /dev/zero fill the memory."""
+    from virt_dup.systemd.generator import read_domain_files
+
+    directory = tmp_path / "qemu"
+    directory.mkdir()
+    os.mkfifo(directory / "fifo.xml")
+    (directory / "zero.xml").symlink_to("/dev/zero")
+    with open(directory / "huge.xml", "wb") as huge:
+        huge.truncate(17 * 1024 * 1024)
+    (directory / "vm.xml").write_bytes(domain_with_disks("<source file='/a/b.qcow2'/>"))
+
+    files, warnings = read_domain_files(directory)
+
+    assert [name for name, _data in files] == [str(directory / "vm.xml")]
+    assert sorted(warnings) == [
+        f"skipped {directory / 'fifo.xml'}: not a regular file",
+        f"skipped {directory / 'huge.xml'}: larger than 16777216 bytes",
+        f"skipped {directory / 'zero.xml'}: not a regular file",
+    ]
