@@ -142,3 +142,15 @@ def signals_deferred(consequence: str) -> Iterator[None]:
             signal.signal(number, handler)
     if arrived:
         raise Interrupted(f"stopped by {signal.Signals(arrived[0]).name}; {consequence}")
+
+
+def format_size(size: int | None) -> str:
+    """A size for people: ``12.3 MiB``; ``-`` when unknown."""
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -123,6 +123,23 @@ def add_check_config(subparsers: Subparsers) -> ArgumentParser:
     return check
 
 
+def add_doctor(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup doctor``."""
+    doctor = subparsers.add_parser(
+        "doctor",
+        help="check this host before a backup does",
+        description=(
+            "Check what a backup run will meet on this host: libvirt, each job's disks "
+            "(qcow2 files, room and a writable directory for the overlays), the guest agent "
+            "its quiesce policy wants, room in the cache and on file:// backends, the "
+            "systemd units and timers, and the jobs the generator sees.  One line per "
+            "finding, with the fix.  Exit status 0: no problem (warnings allowed); 1: problems."
+        ),
+    )
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    return doctor
+
+
 def add_schedule(subparsers: Subparsers) -> ArgumentParser:
     """``virt-dup schedule``."""
     schedule = subparsers.add_parser(

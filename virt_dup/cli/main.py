@@ -149,6 +149,27 @@ def cmd_check_config(context: Context) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(context: Context) -> int:
+    from virt_dup.actions.doctor import PROBLEM, doctor, has_problems
+
+    config = context.config
+    findings = doctor(
+        config, lambda: context.hypervisor, lambda: ServiceManager.connect(config.scope)
+    )
+    if context.arguments.json:
+        document = {
+            "schema": "virt-dup/doctor/1",
+            "problems": sum(finding.severity == PROBLEM for finding in findings),
+            "findings": [finding.as_json() for finding in findings],
+        }
+        json.dump(document, sys.stdout, indent=2)
+        print()
+    else:
+        for finding in findings:
+            print(finding.line())
+    return EXIT_FAILED if has_problems(findings) else EXIT_OK
+
+
 def cmd_schedule_explain(context: Context) -> int:
     from virt_dup.actions.schedule import explain
 
@@ -324,6 +345,7 @@ VERBS: dict[str, cli_arguments.Verb] = {
     "remove-all-jobs": (cli_arguments.add_remove_all_jobs, cmd_remove_all_jobs),
     "list-jobs": (cli_arguments.add_list_jobs, cmd_list_jobs),
     "check-config": (cli_arguments.add_check_config, cmd_check_config),
+    "doctor": (cli_arguments.add_doctor, cmd_doctor),
     "schedule": (cli_arguments.add_schedule, cmd_schedule_explain),
     "install-units": (cli_arguments.add_install_units, cmd_install_units),
     "sync-timers": (cli_arguments.add_sync_timers, cmd_sync_timers),

@@ -16,6 +16,7 @@ from virt_dup.actions.backups import JobListing
 from virt_dup.backup.manifest import ManifestDisk
 from virt_dup.cli.arguments import PROGRAM
 from virt_dup.errors import UsageError
+from virt_dup.files import format_size
 
 log = logging.getLogger("virt_dup")
 
@@ -29,18 +30,6 @@ def format_table(rows: Sequence[Sequence[str]]) -> list[str]:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         lines.append("  ".join([*cells, row[-1]]).rstrip())
     return lines
-
-
-def format_size(size: int | None) -> str:
-    """``12.3 MiB``; ``-`` when unknown."""
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _last_run(last_run: dict[str, Any] | None) -> str:

@@ -145,6 +145,24 @@ class Hypervisor:
         version = int(self.call("cannot ask libvirt its version", self.connection.getLibVersion))
         return version // 1000000, version // 1000 % 1000
 
+    def security_models(self) -> list[str]:
+        """libvirt's security drivers for QEMU (``apparmor``, ``selinux``, ``dac``,
+        ``none``), from its capabilities."""
+        text = self.call("cannot read libvirt's capabilities", self.connection.getCapabilities)
+        root = parse_xml(str(text), "libvirt's capabilities")
+        return [model.text for model in root.iterfind("host/secmodel/model") if model.text]
+
+    def agent_problem(self, domain: libvirt.virDomain, timeout: int = 5) -> str | None:
+        """None when the domain's QEMU guest agent answers a ping within
+        ``timeout`` seconds, else libvirt's reason (not configured, not connected...)."""
+        import libvirt_qemu
+
+        try:
+            libvirt_qemu.qemuAgentCommand(domain, '{"execute": "guest-ping"}', timeout, 0)
+        except libvirt.libvirtError as error:
+            return _message(error)
+        return None
+
     # -- domains ----------------------------------------------------------
     @property
     def uri(self) -> str:

@@ -30,6 +30,7 @@ MINIMAL = {
     "remove-all-jobs": [],
     "list-jobs": [],
     "check-config": [],
+    "doctor": [],
     "schedule": ["explain", "@daily"],
     "install-units": [],
     "sync-timers": [],

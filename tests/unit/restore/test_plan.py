@@ -10,11 +10,11 @@ import pytest
 
 from virt_dup.actions.restore import RestoreRequest, decide_definition
 from virt_dup.backup.manifest import ManifestDisk, ManifestFile, parse_manifest
-from virt_dup.cli.output import format_size
 from virt_dup.duplicity.collection import BackupSet, Chain, Collection
 from virt_dup.duplicity.protocol import ListedFile
 from virt_dup.duplicity.times import parse_time
 from virt_dup.errors import NotFoundError, UsageError, VirtDupError
+from virt_dup.files import format_size
 from virt_dup.restore.plan import (
     RestoreError,
     backing_reference,
