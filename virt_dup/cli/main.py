@@ -22,6 +22,7 @@ import argcomplete
 from virt_dup.actions import jobs as job_actions
 from virt_dup.actions import units as unit_actions
 from virt_dup.cli import arguments as cli_arguments
+from virt_dup.cli import keys as cli_keys
 from virt_dup.cli import output
 from virt_dup.cli.arguments import PROGRAM
 from virt_dup.config.load import Config, load_config
@@ -143,10 +144,14 @@ def cmd_list_jobs(context: Context) -> int:
 def cmd_check_config(context: Context) -> int:
     from virt_dup.actions.check_config import check_config
 
-    connect = (lambda: context.hypervisor) if context.arguments.connect else None
-    for line in check_config(context.config, connect):
+    arguments = context.arguments
+    connect = (lambda: context.hypervisor) if arguments.connect else None
+    report = check_config(context.config, connect, syntax_only=arguments.syntax_only)
+    for line in report.lines:
         print(line)
-    return EXIT_OK
+    for problem in report.problems:
+        print(f"{PROGRAM}: error: {problem}", file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def cmd_schedule_explain(context: Context) -> int:
@@ -324,6 +329,8 @@ VERBS: dict[str, cli_arguments.Verb] = {
     "remove-all-jobs": (cli_arguments.add_remove_all_jobs, cmd_remove_all_jobs),
     "list-jobs": (cli_arguments.add_list_jobs, cmd_list_jobs),
     "check-config": (cli_arguments.add_check_config, cmd_check_config),
+    "init": (cli_arguments.add_init, cli_keys.cmd_init),
+    "export-key": (cli_arguments.add_export_key, cli_keys.cmd_export_key),
     "schedule": (cli_arguments.add_schedule, cmd_schedule_explain),
     "install-units": (cli_arguments.add_install_units, cmd_install_units),
     "sync-timers": (cli_arguments.add_sync_timers, cmd_sync_timers),
