@@ -100,6 +100,14 @@ def cmd_add_job(context: Context) -> int:
     job = job_actions.add_job(context.config, context.hypervisor, request)
     print(job.uuid)
     effective = job.options.over(context.config.defaults)
+    if effective.encryption == "gpg" and not (
+        effective.encryption_keys or context.config.encryption.keys
+    ):
+        print(
+            f"{PROGRAM}: warning: job {job.uuid} is to be encrypted but no key is configured: "
+            "its runs fail until 'virt-dup init' makes one",
+            file=sys.stderr,
+        )
     if not (effective.schedule or effective.full_schedule):
         print(
             f"{PROGRAM}: notice: job {job.uuid} has no schedule and virt-dup.yml no "
