@@ -10,6 +10,7 @@ virt-dup runs as its own process, as an admin runs it.
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
 import shutil
 import subprocess
@@ -137,7 +138,7 @@ def gpg_secret_fingerprints(home: Path) -> list[str]:
     records = listing.splitlines()
     return [
         line.split(":")[9]
-        for previous, line in zip(records, records[1:], strict=False)
+        for previous, line in itertools.pairwise(records)
         if previous.startswith("sec:") and line.startswith("fpr:")
     ]
 
