@@ -33,6 +33,7 @@ class Host:
         self.config = manager.root / "virt-dup.yml"
         self.backend = manager.root / "backend"
         self.cache = manager.root / "cache"
+        self.backend.mkdir()
         self.config.write_text(
             "scope: user\nlibvirt:\n  uri: qemu:///system\n  config_dir: /etc/libvirt/qemu\n"
             f"backends:\n  local: file://{self.backend}\n"
@@ -211,3 +212,26 @@ def test_a_scheduled_job_without_an_active_timer_and_one_only_in_the_live_xml(
         f for f in problems(about(findings, live_only)) if "persistent definition" in f["message"]
     ]
     assert "the generator" in unseen["message"]
+
+
+def test_a_missing_key_and_an_unreachable_backend_are_problems(
+    user_manager: UserManager,  # noqa: F811
+) -> None:
+    """check-config's own proofs, as the doctor's first findings."""
+    host = Host(user_manager, "encryption:\n  keys: [0123456789ABCDEF0123456789ABCDEF01234567]\n")
+    host.config.write_text(
+        host.config.read_text()
+        .replace("  encryption: none\n", "")
+        .replace("backends:\n", "backends:\n  away: sftp://backup:pw-3f9@127.0.0.1:1/x\n")
+    )
+
+    status, findings, text = host.doctor()
+
+    configuration = [f["message"] for f in problems(about(findings, "configuration"))]
+    assert any(
+        "0123456789ABCDEF0123456789ABCDEF01234567" in message and "virt-dup init" in message
+        for message in configuration
+    ), text
+    assert any("sftp://backup:***@127.0.0.1:1/x" in message for message in configuration), text
+    assert "pw-3f9" not in text
+    assert status == 1

@@ -99,6 +99,8 @@ def test_man_page_documents_every_command() -> None:
         "list-jobs",
         "jobs",
         "check-config",
+        "init",
+        "export-key",
         "schedule explain",
         "backups",
         "restore",

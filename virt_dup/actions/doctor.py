@@ -1,7 +1,8 @@
 """``virt-dup doctor``: what would stop a backup on this host, found before a run.
 
-``check-config`` says whether virt-dup.yml means something; the doctor looks
-at the host around it, as the first run at 02:00 would meet it: libvirt and
+``check-config`` proves virt-dup.yml works (programs, keys, passphrase,
+backends); the doctor starts with that and looks at the host around it, as
+the first run at 02:00 would meet it: libvirt and
 its security driver, each job's disks (qcow2 files, room for the overlays
 next to them, a directory libvirtd can create them in), the guest agent the
 quiesce policy wants, room in the cache and on ``file://`` backends, the
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import libvirt
 
+from virt_dup.actions.check_config import check_config
 from virt_dup.config.load import Config
 from virt_dup.duplicity.target import DEFAULT_VOLSIZE_MB
 from virt_dup.errors import CommandError, ConfigError, LibvirtError, NotFoundError
@@ -84,8 +86,11 @@ def doctor(
     hypervisor: Callable[[], Hypervisor],
     manager: Callable[[], ServiceManager],
 ) -> list[Finding]:
-    """Every finding about this host, problems and warnings first in each area."""
-    findings: list[Finding] = []
+    """Every finding about this host: check-config's problems (programs, keys,
+    passphrase, backends), then libvirt, the jobs, the cache, systemd."""
+    findings = [
+        Finding(PROBLEM, "configuration", problem) for problem in check_config(config).problems
+    ]
     try:
         connection = hypervisor()
         domains: JobsOfDomains = list(connection.all_jobs())

@@ -14,8 +14,9 @@ from typing import Any
 import libvirt
 
 from virt_dup.backup.state import StateStore
-from virt_dup.config.load import Config, check_policy
+from virt_dup.config.load import PLACEHOLDER_KEY, Config, check_policy
 from virt_dup.config.options import OPTIONS_BY_NAME, JobOptions
+from virt_dup.duplicity.gpg import Keyring
 from virt_dup.errors import ConfigError, UsageError, VirtDupError
 from virt_dup.libvirt.connection import Hypervisor
 from virt_dup.libvirt.domain_xml import select_disks
@@ -58,6 +59,7 @@ def add_job(config: Config, hypervisor: Hypervisor, request: AddJobRequest) -> J
     for backend in options.backends or ():
         config.backend_url(backend)
     check_policy(config, options, "the job")
+    check_keys_exist(config, options)
     selector = DiskSelector(tuple(request.devs), tuple(request.paths))
     # The persistent definition is what later runs start from.
     select_disks(hypervisor.disks(domain, inactive=True), selector, domain.name())
@@ -80,6 +82,39 @@ def add_job(config: Config, hypervisor: Hypervisor, request: AddJobRequest) -> J
     )
     hypervisor.write_jobs(domain, [*existing, job])
     return job
+
+
+def check_keys_exist(config: Config, options: JobOptions) -> None:
+    """Raises :class:`ConfigError` when a key the job's backups would be encrypted
+    to is the example's placeholder, or is not in the GnuPG home: its first run
+    would fail, unattended, at its first scheduled time."""
+    effective = options.over(config.defaults)
+    if effective.encryption != "gpg":
+        return
+    keys = effective.encryption_keys or config.encryption.keys
+    if not keys:
+        return  # the run says so; add-job's handler gives a notice
+    keyring = Keyring(config.gnupg_directory)
+    for key_id in keys:
+        if key_id == PLACEHOLDER_KEY:
+            raise ConfigError(
+                f"the job would be encrypted to {key_id}, the placeholder key of the example "
+                f"{config.path}: run 'virt-dup init' first; nothing was written"
+            )
+        key = keyring.find(key_id)
+        if key is None or key.problem is not None or not key.can_encrypt:
+            why = (
+                "is not in"
+                if key is None
+                else f"is {key.problem} in"
+                if key.problem
+                else "cannot encrypt in"
+            )
+            raise ConfigError(
+                f"the job would be encrypted to key {key_id}, which {why} the GnuPG home "
+                f"{keyring.home}: run 'virt-dup init' (or 'virt-dup init --import FILE'), "
+                "then add the job; nothing was written"
+            )
 
 
 def remove_job(hypervisor: Hypervisor, job_uuid: str) -> Job:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from virt_dup import __version__
-from virt_dup.cli.completion import complete_domains, complete_jobs
+from virt_dup.cli.completion import complete_domains, complete_jobs, complete_key_files
 from virt_dup.config.load import SCOPES
 from virt_dup.config.options import OPTIONS, is_backend_url
 from virt_dup.errors import UsageError
@@ -120,6 +120,11 @@ def add_check_config(subparsers: Subparsers) -> ArgumentParser:
         description="Validate virt-dup.yml and print what it says.",
     )
     check.add_argument("--connect", action="store_true", help="also connect to libvirt")
+    check.add_argument(
+        "--syntax-only",
+        action="store_true",
+        help="only read and validate the file: no gpg, duplicity or backend is tried",
+    )
     return check
 
 
@@ -138,6 +143,65 @@ def add_doctor(subparsers: Subparsers) -> ArgumentParser:
     )
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     return doctor
+
+
+def add_init(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup init``."""
+    init = subparsers.add_parser(
+        "init",
+        help="make (or import) the GPG key backups are encrypted to",
+        description="Make a GPG key in virt-dup's own GnuPG home (gnupg in the state "
+        "directory), or import one with --import, set up the passphrase file and write the "
+        "key's fingerprint, the GnuPG home and the passphrase file into virt-dup.yml (its "
+        "comments and layout kept). Run again, it says what is set up and changes nothing.",
+    )
+    init.add_argument(
+        "--import",
+        dest="import_file",
+        type=Path,
+        metavar="FILE",
+        help="import the key from FILE (written by 'virt-dup export-key') instead of making one",
+    ).completer = complete_key_files  # type: ignore[attr-defined]
+    init.add_argument(
+        "--passphrase-file",
+        type=Path,
+        metavar="FILE",
+        help="the key's passphrase is in FILE (root's alone, mode 600), which virt-dup.yml "
+        "then names (default: ask on the terminal and write it to gpg-passphrase next to "
+        "virt-dup.yml)",
+    )
+    init.add_argument(
+        "--user-id",
+        metavar="'NAME <EMAIL>'",
+        help="the user id of a new key (default: virt-dup on HOST <root@HOST>)",
+    )
+    init.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the keys virt-dup.yml names already (backups made to them still need "
+        "their secret keys to restore)",
+    )
+    return init
+
+
+def add_export_key(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup export-key``."""
+    export = subparsers.add_parser(
+        "export-key",
+        help="write out the secret key, to restore on another host",
+        description="Write the secret keys (armored, still protected by their passphrase) "
+        "and the public keys of encryption.keys and encryption.sign_key to standard output "
+        "or FILE. Without them no backup can be restored once this host is lost: keep the "
+        "output away from it. A new host imports it with 'virt-dup init --import FILE'.",
+    )
+    export.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        metavar="FILE",
+        help="write to FILE, a new file only root can read (default: standard output)",
+    )
+    return export
 
 
 def add_schedule(subparsers: Subparsers) -> ArgumentParser:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from argcomplete.completers import FilesCompleter
+
 from virt_dup.config.load import load_config
 from virt_dup.errors import VirtDupError
 from virt_dup.libvirt.connection import Hypervisor
@@ -41,3 +43,9 @@ def complete_jobs(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> lis
             for job in jobs
             if job.uuid.startswith(prefix)
         ]
+
+
+def complete_key_files(prefix: str, **_: Any) -> list[str]:
+    """Key files (``*.asc``, ``*.gpg``, ``*.key``, ``*.pgp``) and directories."""
+    completer = FilesCompleter(allowednames=("asc", "gpg", "key", "pgp"))
+    return list(completer(prefix))

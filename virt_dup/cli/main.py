@@ -22,6 +22,7 @@ import argcomplete
 from virt_dup.actions import jobs as job_actions
 from virt_dup.actions import units as unit_actions
 from virt_dup.cli import arguments as cli_arguments
+from virt_dup.cli import keys as cli_keys
 from virt_dup.cli import output
 from virt_dup.cli.arguments import PROGRAM
 from virt_dup.config.load import Config, load_config
@@ -99,6 +100,14 @@ def cmd_add_job(context: Context) -> int:
     job = job_actions.add_job(context.config, context.hypervisor, request)
     print(job.uuid)
     effective = job.options.over(context.config.defaults)
+    if effective.encryption == "gpg" and not (
+        effective.encryption_keys or context.config.encryption.keys
+    ):
+        print(
+            f"{PROGRAM}: warning: job {job.uuid} is to be encrypted but no key is configured: "
+            "its runs fail until 'virt-dup init' makes one",
+            file=sys.stderr,
+        )
     if not (effective.schedule or effective.full_schedule):
         print(
             f"{PROGRAM}: notice: job {job.uuid} has no schedule and virt-dup.yml no "
@@ -143,10 +152,14 @@ def cmd_list_jobs(context: Context) -> int:
 def cmd_check_config(context: Context) -> int:
     from virt_dup.actions.check_config import check_config
 
-    connect = (lambda: context.hypervisor) if context.arguments.connect else None
-    for line in check_config(context.config, connect):
+    arguments = context.arguments
+    connect = (lambda: context.hypervisor) if arguments.connect else None
+    report = check_config(context.config, connect, syntax_only=arguments.syntax_only)
+    for line in report.lines:
         print(line)
-    return EXIT_OK
+    for problem in report.problems:
+        print(f"{PROGRAM}: error: {problem}", file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def cmd_doctor(context: Context) -> int:
@@ -346,6 +359,8 @@ VERBS: dict[str, cli_arguments.Verb] = {
     "list-jobs": (cli_arguments.add_list_jobs, cmd_list_jobs),
     "check-config": (cli_arguments.add_check_config, cmd_check_config),
     "doctor": (cli_arguments.add_doctor, cmd_doctor),
+    "init": (cli_arguments.add_init, cli_keys.cmd_init),
+    "export-key": (cli_arguments.add_export_key, cli_keys.cmd_export_key),
     "schedule": (cli_arguments.add_schedule, cmd_schedule_explain),
     "install-units": (cli_arguments.add_install_units, cmd_install_units),
     "sync-timers": (cli_arguments.add_sync_timers, cmd_sync_timers),

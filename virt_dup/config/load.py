@@ -36,6 +36,10 @@ PATH_ENVIRONMENT = "VIRT_DUP_CONFIG"
 
 SCOPES = ("system", "user")
 
+#: The key of examples/virt-dup.yml: no one has its secret half.  ``virt-dup
+#: init`` replaces it; check-config and add-job refuse it.
+PLACEHOLDER_KEY = "0123456789ABCDEF0123456789ABCDEF01234567"
+
 #: A libvirt URI (``qemu:///system``, ``qemu+ssh://host/system``): never an option word.
 _LIBVIRT_URI = re.compile(r"[a-z][a-z0-9+._-]*://[^\s\x00-\x1f\x7f]*")
 #: libvirt's open flags are a C unsigned int.
@@ -136,6 +140,26 @@ class Config:
             state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local/state")
             return Path(state_home) / "virt-dup"
         return Path(os.environ.get("STATE_DIRECTORY", "/var/lib/virt-dup"))
+
+    @property
+    def own_gnupg_home(self) -> Path:
+        """virt-dup's own GnuPG home, where ``virt-dup init`` puts the key:
+        ``gnupg`` in the state directory (writable by the sandboxed units)."""
+        return self.state_directory / "gnupg"
+
+    @property
+    def gnupg_directory(self) -> Path:
+        """The GnuPG home duplicity, gpg and the units' ReadWritePaths= use.
+
+        ``encryption.gnupg_home``; else :attr:`own_gnupg_home` when it exists;
+        else GnuPG's own (``$GNUPGHOME`` or ``~/.gnupg``), as before there was
+        an own home: keys set up by hand there keep working.
+        """
+        if self.encryption.gnupg_home is not None:
+            return self.encryption.gnupg_home
+        if self.own_gnupg_home.is_dir():
+            return self.own_gnupg_home
+        return Path(os.environ.get("GNUPGHOME") or Path.home() / ".gnupg")
 
     @property
     def lock_directory(self) -> Path:

@@ -160,3 +160,54 @@ def list_backend(
     except ValueError:
         raise CommandError(f"listing {plain_url}: duplicity's backend printed no listing") from None
     return {str(name): (int(size) if size is not None else None) for name, size in listed.items()}
+
+
+# Lists the backend, then writes a small file and deletes it again, with one try
+# per call (duplicity's default is 5 tries, 30 s apart).
+_PROBE_SCRIPT = """
+import sys, tempfile
+from duplicity import backend, config, log, path
+log.setup()
+config.num_retries = 1
+backend.import_backends()
+store = backend.get_backend(sys.argv[1])
+store.list()
+with tempfile.NamedTemporaryFile(prefix="virt-dup-probe-") as probe:
+    probe.write(b"virt-dup check-config probe\\n")
+    probe.flush()
+    store.put(path.Path(probe.name), sys.argv[2])
+store.delete([sys.argv[2]])
+"""
+#: How long the probe of one backend may take.
+PROBE_TIMEOUT_S = 60.0
+
+
+def probe_backend(
+    url: str,
+    environment: Mapping[str, str] | None = None,
+    secrets: Sequence[str] = (),
+    timeout: float = PROBE_TIMEOUT_S,
+) -> None:
+    """Prove that duplicity can list the backend directory ``url``, write a file
+    there and delete it (the file is named ``.virt-dup-check-<pid>``; duplicity
+    makes a missing directory, as a backup would).
+
+    Raises :class:`CommandError` (one line, the URL's password masked) when it
+    cannot, or takes longer than ``timeout`` seconds.
+    """
+    plain_url, password = split_password(url)
+    variables = {"LC_ALL": "C.UTF-8", **(environment or {})}
+    if password is not None:
+        variables["FTP_PASSWORD"] = password
+    run_command(
+        [
+            *duplicity_interpreter(),
+            "-c",
+            _PROBE_SCRIPT,
+            plain_url,
+            f".virt-dup-check-{os.getpid()}",
+        ],
+        environment=variables,
+        secrets=[*secrets, *([password] if password else [])],
+        timeout=timeout,
+    )

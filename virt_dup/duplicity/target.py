@@ -167,7 +167,7 @@ def job_target(
         encryption=encryption,
         encrypt_keys=keys,
         sign_key=config.encryption.sign_key if encryption == "gpg" else None,
-        gnupg_home=config.encryption.gnupg_home,
+        gnupg_home=config.gnupg_directory,
         passphrase=read_passphrase(config),
     )
 

@@ -187,10 +187,10 @@ def render_job_paths(
     config: Config, job: Job, disks: Sequence[Disk], source: str
 ) -> tuple[dict[str, str], list[str]]:
     """The paths drop-in of each service of ``job`` (by relative file name), and warnings."""
-    # GnuPG's own home when virt-dup.yml names none: that of the manager's user,
-    # who runs the generator and the services.
-    gnupg = config.encryption.gnupg_home or Path.home() / ".gnupg"
-    common = [*disk_directories(disks), *shared_writable_paths(config), str(gnupg)]
+    # The home the services' gpg uses (gpg-agent puts its socket there): the
+    # generator and the services run as the manager's user, so the default
+    # resolves alike for both.
+    common = [*disk_directories(disks), *shared_writable_paths(config), str(config.gnupg_directory)]
     backend = backend_directory(config, job)
     files: dict[str, str] = {}
     warnings: list[str] = []
