@@ -22,6 +22,7 @@ from virt_dup.systemd.manager import ServiceManager, SystemdError, SystemdUnavai
 from virt_dup.systemd.units import (
     START_UNITS,
     TIMER_PATTERNS,
+    Installation,
     InstallSettings,
     check_scope,
     data_directory,
@@ -167,6 +168,19 @@ def sync_timers(manager: ServiceManager) -> SyncReport:
     )
 
 
+def show_installation(installation: Installation, say: Callable[[str], None]) -> None:
+    """``install-units --dry-run``: every file with its text, link and directory."""
+    for path, (text, mode) in sorted(installation.files.items()):
+        say(f"# {path} (mode {mode:04o})")
+        say(text.removesuffix("\n"))
+    for link, target in sorted(installation.symlinks.items()):
+        say(f"# {link} -> {target}")
+    for directory, mode in sorted(installation.directories.items()):
+        say(f"# directory {directory} (mode {mode:04o}, when missing)")
+    for path in installation.removed:
+        say(f"# removed if present: {path}")
+
+
 def install_units(
     config: Config,
     settings: InstallSettings,
@@ -193,15 +207,7 @@ def install_units(
     )
     installation = render_installation(settings, unit_sources, generator_source)
     if dry_run:
-        for path, (text, mode) in sorted(installation.files.items()):
-            say(f"# {path} (mode {mode:04o})")
-            say(text.removesuffix("\n"))
-        for link, target in sorted(installation.symlinks.items()):
-            say(f"# {link} -> {target}")
-        for directory, mode in sorted(installation.directories.items()):
-            say(f"# directory {directory} (mode {mode:04o}, when missing)")
-        for path in installation.removed:
-            say(f"# removed if present: {path}")
+        show_installation(installation, say)
         return
     if root is not None:
         installation = installation.under(root)

@@ -243,6 +243,7 @@ class InstallSettings:
     def from_config(
         cls,
         config: Config,
+        *,
         scope: str | None = None,
         unit_directory: Path | None = None,
         generator_directory: Path | None = None,
