@@ -149,6 +149,7 @@ def test_a_second_run_keeps_the_config_and_uninstall_keeps_config_and_state(
     removed = run_install(root, "--uninstall")
 
     assert "skipped (--root): systemctl daemon-reload" in removed.stdout
+    assert not tree("/usr/local/share/doc/virt-dup").exists()
     left = sorted(str(path.relative_to(root)) for path in root.rglob("*") if not path.is_dir())
     assert left == [
         "etc/systemd/system/virt-dup@.service.d/90-local.conf",  # the admin's, kept
