@@ -2,10 +2,13 @@
 
 1. a domain with the chain base.qcow2 <- demo.qcow2 (data in both), running;
 2. a virt-dup.yml with a file:// backend, a throw-away GPG key;
-3. a real systemd manager (a user manager in a private mount namespace, the
-   same recipe the tests use: this machine does not boot with systemd),
-   virt-dup's units and generator installed into it with install-units,
-   with the system manager's sandbox (ProtectSystem=strict...) on top;
+3. virt-dup installed as on a host: `scripts/install --root` into a scratch
+   tree, whose /opt/virt-dup is mounted on /opt/virt-dup for the manager
+   only; a real systemd manager (a user manager in a private mount
+   namespace, the same recipe the tests use: this machine does not boot with
+   systemd), the installed copy's units and generator put into it with its
+   own `install-units`, the system manager's sandbox (ProtectSystem=strict...)
+   on top;
 4. `virt-dup add-job` with a schedule of every minute: the timer appears at
    once, fires, and its service backs the domain up (encrypted, full);
 5. `virt-dup backups` lists the backup; `virt-dup restore --target-dir`
@@ -29,14 +32,13 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY / "tests" / "integration"))
 
+from harness.install import VIRT_DUP, install_tree  # noqa: E402
 from harness.manager import (  # noqa: E402
     UserManager,
     install_system_sandbox,
     start_user_manager,
 )
 
-VENV_BIN = Path(sys.executable).parent
-VIRT_DUP = VENV_BIN / "virt-dup"
 NAMESPACE = "https://www.github.com/spencerharmon/virt-dup"
 
 
@@ -155,8 +157,15 @@ def main() -> int:
         )
         print(config.read_text(), end="")
 
-        step("A systemd manager (user manager, private mount namespace) with virt-dup installed")
-        manager: UserManager = start_user_manager(Path("/run"))
+        step("Install virt-dup as on a host: scripts/install --root (into a scratch tree)")
+        tree = Path(tempfile.mkdtemp(prefix="virt-dup-demo-root-"))
+        cleanup.callback(shutil.rmtree, tree, True)
+        print(f"$ scripts/install --root {tree}", flush=True)
+        installation = install_tree(tree)
+        print(installation.output, end="", flush=True)
+
+        step("A systemd manager (user manager, private mount namespace) with /opt/virt-dup")
+        manager: UserManager = start_user_manager(Path("/run"), installation=installation)
         cleanup.callback(manager.stop)
         environment = {"VIRT_DUP_CONFIG": str(config)}
 
@@ -221,14 +230,14 @@ def main() -> int:
         if state.get("Result") != "success":
             print(manager.log(400))
             raise SystemExit(f"demo: {service} failed: {state}")
-        show([str(VIRT_DUP), "--config", str(config), "list-jobs", name])
+        on_host(str(VIRT_DUP), "list-jobs", name)
 
         step("What exists on the backend")
-        show([str(VIRT_DUP), "--config", str(config), "backups", name])
+        on_host(str(VIRT_DUP), "backups", name)
 
         step("Restore the chain into a new directory and compare it with the live disk")
         target = work / "restored"
-        show([str(VIRT_DUP), "--config", str(config), "restore", name, "--target-dir", str(target)])
+        on_host(str(VIRT_DUP), "restore", name, "--target-dir", str(target))
         restored_top = target / "vda" / top.name
         show(["qemu-img", "info", "--backing-chain", str(restored_top)])
         show(["qemu-img", "compare", "-U", str(top), str(restored_top)])

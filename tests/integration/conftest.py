@@ -8,6 +8,10 @@
                   chains; everything it made is removed after the test, even a
                   failed one.
 ``harness_session`` (session) this session's id and image root.
+``installation``  (session) a :class:`harness.install.Installation`: this
+                  checkout installed by ``scripts/install --root`` into a
+                  scratch tree, once per session, removed at its end; the
+                  ``user_manager`` fixtures mount it on /opt/virt-dup.
 
 Example::
 
@@ -31,6 +35,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -45,6 +51,7 @@ from harness.domains import (
     new_session_id,
     sweep_session,
 )
+from harness.install import Installation, install_tree
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +59,16 @@ def harness_session() -> HarnessSession:
     """This test session's id and image root (created on first use)."""
     parent = Path(os.environ.get("VIRT_DUP_TEST_IMAGES", DEFAULT_IMAGES_PARENT))
     return HarnessSession.new(parent)
+
+
+@pytest.fixture(scope="session")
+def installation() -> Iterator[Installation]:
+    """This checkout installed into a scratch tree (``scripts/install --root``)."""
+    root = Path(tempfile.mkdtemp(prefix="vdt-install-"))
+    try:
+        yield install_tree(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

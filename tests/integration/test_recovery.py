@@ -28,7 +28,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -333,7 +332,7 @@ def test_the_boot_unit_recovers_a_killed_run(
     unit_dir = user_manager.config_home / "systemd" / "user"
     user_manager.run(
         [
-            Path(sys.executable).parent / "virt-dup",
+            user_manager.virt_dup,
             "install-units",
             "--scope",
             "user",

@@ -49,7 +49,6 @@ from virt_dup.systemd.manager import ServiceManager
 
 pytestmark = pytest.mark.integration
 
-VIRT_DUP = Path(sys.executable).parent / "virt-dup"
 REPOSITORY = Path(__file__).resolve().parents[2]
 GENERATOR_DIR = Path("/run/systemd/user-generators")  # inside the namespace
 LIBVIRT_CONFIG_DIR = Path("/etc/libvirt/qemu")
@@ -91,8 +90,9 @@ class Host:
             drop_in.write_text(f"[Service]\nExecCondition=/bin/sh -c '{condition}'\n")
 
     def virt_dup(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """The installed virt-dup (/opt/virt-dup/bin/virt-dup), inside the namespace."""
         return self.manager.run(
-            [VIRT_DUP, *args], env={"VIRT_DUP_CONFIG": str(self.config)}, check=check
+            [self.manager.virt_dup, *args], env={"VIRT_DUP_CONFIG": str(self.config)}, check=check
         )
 
     def install(self) -> subprocess.CompletedProcess[str]:
@@ -151,6 +151,14 @@ def test_added_job_gets_a_timer_at_once_it_fires_and_runs_the_job(
     host = Host(user_manager, [job])
     installed = host.install()
     assert "started virt-dup.target, virt-dup-reload.path" in installed.stdout
+    # The host's layout: units and generator run the copy scripts/install made.
+    assert (
+        "path=/opt/virt-dup/bin/virt-dup ;"
+        in host.show("virt-dup@x.service", "ExecStart")["ExecStart"]
+    )
+    generator = (GENERATOR_DIR / "virt-dup-generator").as_posix()
+    shebang = user_manager.run(["head", "-n", "1", generator]).stdout
+    assert shebang == "#!/opt/virt-dup/bin/python\n"
     vm = make_domain()
 
     added = host.virt_dup(
@@ -285,7 +293,7 @@ def test_the_run_services_sandboxing_works_in_an_unprivileged_user_manager(
     unit_dir = manager.config_home / "systemd" / "user"
     manager.run(
         [
-            VIRT_DUP,
+            manager.virt_dup,
             "install-units",
             "--scope",
             "user",

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from virt_dup.config.load import Config
 from virt_dup.systemd.generator import TARGET
@@ -21,6 +22,7 @@ from virt_dup.systemd.manager import ServiceManager, SystemdError, SystemdUnavai
 from virt_dup.systemd.units import (
     START_UNITS,
     TIMER_PATTERNS,
+    Installation,
     InstallSettings,
     check_scope,
     data_directory,
@@ -166,6 +168,19 @@ def sync_timers(manager: ServiceManager) -> SyncReport:
     )
 
 
+def show_installation(installation: Installation, say: Callable[[str], None]) -> None:
+    """``install-units --dry-run``: every file with its text, link and directory."""
+    for path, (text, mode) in sorted(installation.files.items()):
+        say(f"# {path} (mode {mode:04o})")
+        say(text.removesuffix("\n"))
+    for link, target in sorted(installation.symlinks.items()):
+        say(f"# {link} -> {target}")
+    for directory, mode in sorted(installation.directories.items()):
+        say(f"# directory {directory} (mode {mode:04o}, when missing)")
+    for path in installation.removed:
+        say(f"# removed if present: {path}")
+
+
 def install_units(
     config: Config,
     settings: InstallSettings,
@@ -173,13 +188,16 @@ def install_units(
     dry_run: bool,
     say: Callable[[str], None],
     notice: Callable[[str], None],
+    root: Path | None = None,
 ) -> None:
     """Write the units and the generator as ``settings`` say, reload the manager
     and start :data:`~virt_dup.systemd.units.START_UNITS`.
 
-    ``dry_run`` prints the files instead.  What was done goes to ``say``; a
-    manager that is not reachable (the units then take effect at the next
-    boot) or a scope that is not virt-dup.yml's goes to ``notice``.
+    ``dry_run`` prints the files instead.  ``root``: write them into that
+    scratch tree instead (``settings`` name the host's paths) and leave the
+    running manager alone.  What was done goes to ``say``; a manager that is
+    not reachable (the units then take effect at the next boot), one left
+    alone, or a scope that is not virt-dup.yml's goes to ``notice``.
     """
     mismatch = check_scope(config, settings.scope)
     if mismatch:
@@ -189,16 +207,10 @@ def install_units(
     )
     installation = render_installation(settings, unit_sources, generator_source)
     if dry_run:
-        for path, (text, mode) in sorted(installation.files.items()):
-            say(f"# {path} (mode {mode:04o})")
-            say(text.removesuffix("\n"))
-        for link, target in sorted(installation.symlinks.items()):
-            say(f"# {link} -> {target}")
-        for directory, mode in sorted(installation.directories.items()):
-            say(f"# directory {directory} (mode {mode:04o}, when missing)")
-        for path in installation.removed:
-            say(f"# removed if present: {path}")
+        show_installation(installation, say)
         return
+    if root is not None:
+        installation = installation.under(root)
     missing = [directory for directory in installation.directories if not directory.exists()]
     write_installation(installation)
     for directory in missing:
@@ -208,6 +220,13 @@ def install_units(
     for link, target in sorted(installation.symlinks.items()):
         say(f"linked {link} -> {target}")
     systemctl = "systemctl" if settings.scope == "system" else "systemctl --user"
+    if root is not None:
+        notice(
+            f"--root {root}: the running {settings.scope} manager is left alone; on the host "
+            f"this tree becomes, run: {systemctl} daemon-reload && "
+            f"{systemctl} start {' '.join(START_UNITS)}"
+        )
+        return
     try:
         with ServiceManager.connect(settings.scope) as manager:
             started = start_installed(manager)

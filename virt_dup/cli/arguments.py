@@ -256,6 +256,13 @@ def add_install_units(subparsers: Subparsers) -> ArgumentParser:
         "/etc/systemd/user-generators)",
     )
     install.add_argument(
+        "--root",
+        type=Path,
+        metavar="DIR",
+        help="write into this scratch tree (DESTDIR) instead of the host, and leave the "
+        "running manager alone; paths inside it are written as the host will see them",
+    )
+    install.add_argument(
         "--dry-run", action="store_true", help="print the files instead of writing them"
     )
     return install

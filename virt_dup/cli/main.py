@@ -205,11 +205,13 @@ def cmd_install_units(context: Context) -> int:
         scope=arguments.scope,
         unit_directory=arguments.unit_dir,
         generator_directory=arguments.generator_dir,
+        root=arguments.root,
     )
     unit_actions.install_units(
         context.config,
         settings,
         dry_run=arguments.dry_run,
+        root=arguments.root,
         say=print,
         notice=lambda line: print(f"{PROGRAM}: notice: {line}", file=sys.stderr),
     )

@@ -243,21 +243,37 @@ class InstallSettings:
     def from_config(
         cls,
         config: Config,
+        *,
         scope: str | None = None,
         unit_directory: Path | None = None,
         generator_directory: Path | None = None,
         command: tuple[str, ...] | None = None,
         python: str | None = None,
+        root: Path | None = None,
     ) -> InstallSettings:
+        """Settings for ``config``; every path is one on the host the units run on.
+
+        ``root``: the files go into this scratch tree (a package build, an
+        image), not the host it is being run on.  The virt-dup command, the
+        interpreter and the config file are then taken as seen from inside it:
+        ``ROOT/opt/virt-dup/bin/virt-dup`` is ``/opt/virt-dup/bin/virt-dup``.
+        """
         scope = scope or config.scope
+        command = command or virt_dup_command()
+        python = python or sys.executable
+        config_path = config.path.absolute()
+        if root is not None:
+            command = tuple(str(inside_root(Path(word), root)) for word in command)
+            python = str(inside_root(Path(python), root))
+            config_path = inside_root(config_path, root)
         return cls(
             scope=scope,
             unit_directory=unit_directory or default_unit_directory(scope),
             generator_directory=generator_directory or default_generator_directory(scope),
-            command=command or virt_dup_command(),
-            python=python or sys.executable,
-            config_path=config.path.absolute(),
-            config_explicit=config.path.absolute() != DEFAULT_PATH,
+            command=command,
+            python=python,
+            config_path=config_path,
+            config_explicit=config_path != DEFAULT_PATH,
             libvirt_config_directory=config.libvirt_config_dir,
             own_directories=own_directories(config),
         )
@@ -274,6 +290,24 @@ class InstallSettings:
                 self.libvirt_config_directory, "libvirt config dir"
             ),
         }
+
+
+def inside_root(path: Path, root: Path) -> Path:
+    """``path`` as a program sees it once the tree ``root`` is the host's ``/``.
+
+    A relative word (``-m``) or a path outside ``root`` is returned unchanged.
+    """
+    if not path.is_absolute():
+        return path
+    try:
+        return Path("/") / path.relative_to(root.absolute())
+    except ValueError:
+        return path
+
+
+def under_root(path: Path, root: Path) -> Path:
+    """Where the host path ``path`` lies in the scratch tree ``root``."""
+    return root.absolute() / path.relative_to(path.anchor)
 
 
 def own_directories(config: Config) -> tuple[Path, ...]:
@@ -296,6 +330,17 @@ class Installation:
     removed: list[Path] = field(default_factory=list)
     #: Directories to create when missing (path -> mode).
     directories: dict[Path, int] = field(default_factory=dict)
+
+    def under(self, root: Path) -> Installation:
+        """The same installation written into the scratch tree ``root``
+        (``DESTDIR``): every path moves under it, symlink targets stay the
+        host's paths, so the links resolve once the tree is the host's ``/``."""
+        return Installation(
+            files={under_root(path, root): value for path, value in self.files.items()},
+            symlinks={under_root(link, root): target for link, target in self.symlinks.items()},
+            removed=[under_root(path, root) for path in self.removed],
+            directories={under_root(path, root): mode for path, mode in self.directories.items()},
+        )
 
 
 def render_generator(source: str, python: str, config_path: Path | None) -> str:

@@ -53,6 +53,9 @@ from typing import TypeVar
 
 import pytest
 
+from harness.install import VIRT_DUP as INSTALLED_VIRT_DUP
+from harness.install import Installation, mount_environment, mount_script
+
 SYSTEMD = Path("/lib/systemd/systemd")
 DEFAULT_PARENT = Path("/run")
 START_TIMEOUT = 20.0
@@ -81,6 +84,7 @@ mknod -m 0 chr c 0 0
 mknod -m 0 blk b 0 0
 "$VDT_PYTHON" -c 'import os, stat; os.mknod("sock", 0o000 | stat.S_IFSOCK)'
 cd /
+eval "$VDT_MOUNT_INSTALLATION"
 mkfifo -m 0600 /run/systemd/console
 chown "$VDT_UID:$VDT_GID" /run/systemd/console
 # Opened read-write: the reader never sees EOF, writers never block.
@@ -119,6 +123,10 @@ class UserManager:
     reader_pid: int | None = None
     uid: int = 0
     gid: int = 0
+    #: The virt-dup command "on this host": the installed one (/opt/virt-dup,
+    #: mounted from a scratch tree) when the manager has an installation,
+    #: else the virt-dup of the running virtualenv.
+    virt_dup: Path = field(default_factory=lambda: Path(sys.executable).parent / "virt-dup")
 
     @property
     def home(self) -> Path:
@@ -293,11 +301,19 @@ def _manager_environment(root: Path) -> dict[str, str]:
     }
 
 
-def start_user_manager(parent: Path = DEFAULT_PARENT, uid: int = 0, gid: int = 0) -> UserManager:
+def start_user_manager(
+    parent: Path = DEFAULT_PARENT,
+    uid: int = 0,
+    gid: int = 0,
+    installation: Installation | None = None,
+) -> UserManager:
     """Start ``systemd --user`` in a new private mount namespace; wait until it is up.
 
     ``uid``/``gid``: run an unprivileged user's manager instead of root's
-    (its home, runtime dir and cgroups are given to it).
+    (its home, runtime dir and cgroups are given to it).  ``installation``: a
+    tree made by ``scripts/install --root`` (:mod:`harness.install`), whose
+    /opt/virt-dup is mounted on /opt/virt-dup in the namespace; the
+    manager's :attr:`~UserManager.virt_dup` is then that one.
 
     Raises SystemdHarnessError (with the manager's log) when it does not come up;
     what was started is stopped again.
@@ -340,6 +356,8 @@ def start_user_manager(parent: Path = DEFAULT_PARENT, uid: int = 0, gid: int = 0
             "VDT_SYSTEMD": str(SYSTEMD),
             "VDT_UID": str(uid),
             "VDT_GID": str(gid),
+            "VDT_MOUNT_INSTALLATION": mount_script() if installation else "",
+            **(mount_environment(installation.root) if installation else {}),
         },
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -349,6 +367,8 @@ def start_user_manager(parent: Path = DEFAULT_PARENT, uid: int = 0, gid: int = 0
     manager = UserManager(
         pid=process.pid, root=root, env=env, process=process, cgroups=cgroups, uid=uid, gid=gid
     )
+    if installation is not None:
+        manager.virt_dup = INSTALLED_VIRT_DUP
     try:
         manager.reader_pid = manager.wait_for(
             "the log reader", lambda: _read_pid(reader_pid_file, process), START_TIMEOUT, 0.05
@@ -417,8 +437,11 @@ def install_system_sandbox(unit_dir: Path, owner: tuple[int, int] | None = None)
 
 
 @pytest.fixture
-def user_manager(require: Callable[[bool, str], None]) -> Iterator[UserManager]:
-    """A fresh ``systemd --user`` in a private mount namespace; stopped after the test.
+def user_manager(
+    require: Callable[[bool, str], None], installation: Installation
+) -> Iterator[UserManager]:
+    """A fresh ``systemd --user`` in a private mount namespace, with the
+    session's ``installation`` on /opt/virt-dup; stopped after the test.
 
     Skips (fails with ``CI=true``) when this machine cannot run one (not root,
     no systemd, no unshare).
@@ -426,7 +449,7 @@ def user_manager(require: Callable[[bool, str], None]) -> Iterator[UserManager]:
     require(os.geteuid() == 0, "a user manager in a mount namespace needs root")
     require(SYSTEMD.exists(), f"{SYSTEMD} not found (package systemd)")
     parent = Path(os.environ.get("VIRT_DUP_TEST_SYSTEMD_DIR", DEFAULT_PARENT))
-    manager = start_user_manager(parent)
+    manager = start_user_manager(parent, installation=installation)
     try:
         yield manager
     finally:
@@ -439,14 +462,18 @@ UNPRIVILEGED_GID = 65534
 
 
 @pytest.fixture
-def unprivileged_user_manager(require: Callable[[bool, str], None]) -> Iterator[UserManager]:
+def unprivileged_user_manager(
+    require: Callable[[bool, str], None], installation: Installation
+) -> Iterator[UserManager]:
     """Like ``user_manager``, but the manager of an unprivileged user (nobody),
     as on a desktop: no capabilities, so sandboxing works only as far as an
     unprivileged user manager can set it up."""
     require(os.geteuid() == 0, "a user manager in a mount namespace needs root")
     require(SYSTEMD.exists(), f"{SYSTEMD} not found (package systemd)")
     parent = Path(os.environ.get("VIRT_DUP_TEST_SYSTEMD_DIR", DEFAULT_PARENT))
-    manager = start_user_manager(parent, UNPRIVILEGED_UID, UNPRIVILEGED_GID)
+    manager = start_user_manager(
+        parent, UNPRIVILEGED_UID, UNPRIVILEGED_GID, installation=installation
+    )
     try:
         yield manager
     finally:

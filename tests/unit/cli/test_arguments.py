@@ -115,7 +115,8 @@ def test_arguments_land_where_the_handlers_read_them() -> None:
     assert (explain.expression, explain.count, explain.json) == ("0 2 * * *", 3, False)
     assert parse("schedule", "explain", "@daily").count == 5
     install = parse("install-units", "--scope", "user", "--unit-dir", "/u")
-    assert (install.scope, install.unit_dir) == ("user", Path("/u"))
+    assert (install.scope, install.unit_dir, install.root) == ("user", Path("/u"), None)
+    assert parse("install-units", "--root", "/tmp/r").root == Path("/tmp/r")
 
 
 # -- add-job ----------------------------------------------------------------------------------

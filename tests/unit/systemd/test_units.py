@@ -533,3 +533,38 @@ def test_install_units_creates_the_state_cache_and_backend_dirs_virt_dup_yml_nam
         assert directory.is_dir() and directory.stat().st_mode & 0o777 == 0o700
     defaults = systemd_units.InstallSettings.from_config(parse_config("", tmp_path / "v.yml"))
     assert defaults.own_directories == ()  # systemd makes /var/lib/virt-dup...
+
+
+def test_install_units_into_a_scratch_root_names_the_hosts_paths(tmp_path: Path) -> None:
+    """``install-units --root``: the files land in the tree, and what they say
+    (ExecStart=, the generator's interpreter, the config, the wants-links) is
+    what the host the tree becomes will see."""
+    root = tmp_path / "root"
+    config = parse_config(
+        "state_dir: /var/lib/vd-state\n", root / "etc" / "virt-dup" / "virt-dup.yml"
+    )
+    install_settings = systemd_units.InstallSettings.from_config(
+        config,
+        scope="system",
+        command=(str(root / "opt" / "virt-dup" / "bin" / "virt-dup"),),
+        python=str(root / "opt" / "virt-dup" / "bin" / "python"),
+        root=root,
+    )
+
+    systemd_units.write_installation(render(install_settings).under(root))
+
+    service = (root / "etc/systemd/system/virt-dup@.service").read_text()
+    assert "ExecStart=/opt/virt-dup/bin/virt-dup run %i" in service
+    assert str(root) not in service and 'Environment="VIRT_DUP_CONFIG' not in service
+    generator = root / "etc/systemd/system-generators/virt-dup-generator"
+    assert generator.read_text().startswith("#!/opt/virt-dup/bin/python\n")
+    assert generator.stat().st_mode & 0o777 == 0o755
+    link = root / "etc/systemd/system/timers.target.wants/virt-dup.target"
+    assert os.readlink(link) == "/etc/systemd/system/virt-dup.target"
+    wants = [path for path in root.rglob("*.wants/*") if path.is_symlink()]
+    assert wants and all(os.readlink(path).startswith("/etc/systemd/system/") for path in wants)
+    assert (root / "var/lib/vd-state").is_dir()
+    assert not Path("/var/lib/vd-state").exists()  # nothing outside the tree
+    # A word outside the tree (an interpreter on the host) is kept as it is.
+    assert systemd_units.inside_root(Path("/usr/bin/python3"), root) == Path("/usr/bin/python3")
+    assert systemd_units.inside_root(Path("-m"), root) == Path("-m")
