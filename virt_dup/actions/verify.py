@@ -69,7 +69,7 @@ class VerifyResult(journal.Outcome):
 
     def success_line(self) -> str:
         return (
-            f"verified {self._what()}: {self.files} file(s), {self.bytes / 2**20:.1f} MiB, "
+            f"verified {self._what()}: {self.files} file(s), {journal.human_size(self.bytes)}, "
             f"checksums equal, qemu-img check clean, in {self.duration_seconds:.1f} s"
         )
 

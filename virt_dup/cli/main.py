@@ -9,7 +9,6 @@ error); ``--debug`` adds the traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -28,6 +27,7 @@ from virt_dup.config.load import Config, load_config
 from virt_dup.config.options import OPTIONS
 from virt_dup.errors import (
     EXIT_FAILED,
+    EXIT_NO_BACKUPS,
     EXIT_OK,
     EXIT_USAGE,
     NotFoundError,
@@ -141,9 +141,12 @@ def cmd_list_jobs(context: Context) -> int:
 
 
 def cmd_check_config(context: Context) -> int:
-    from virt_dup.actions.check_config import check_config
+    from virt_dup.actions.check_config import check_config, config_report
 
     connect = (lambda: context.hypervisor) if context.arguments.connect else None
+    if context.arguments.json:
+        output.print_json("check-config", config_report(context.config, connect))
+        return EXIT_OK
     for line in check_config(context.config, connect):
         print(line)
     return EXIT_OK
@@ -156,8 +159,7 @@ def cmd_schedule_explain(context: Context) -> int:
         context.arguments.expression, context.arguments.count, datetime.now(UTC).astimezone()
     )
     if context.arguments.json:
-        json.dump(explanation.as_json(), sys.stdout, indent=2)
-        print()
+        output.print_json("schedule-explain", explanation.as_json())
     else:
         for line in explanation.lines():
             print(line)
@@ -172,13 +174,15 @@ def cmd_install_units(context: Context) -> int:
         unit_directory=arguments.unit_dir,
         generator_directory=arguments.generator_dir,
     )
-    unit_actions.install_units(
+    installed = unit_actions.install_units(
         context.config,
         settings,
         dry_run=arguments.dry_run,
-        say=print,
+        say=(lambda _line: None) if arguments.json else print,
         notice=lambda line: print(f"{PROGRAM}: notice: {line}", file=sys.stderr),
     )
+    if arguments.json:
+        output.print_json("install-units", installed.as_json())
     return EXIT_OK
 
 
@@ -191,6 +195,9 @@ def cmd_sync_timers(context: Context) -> int:
             lambda: unit_actions.watched_files_state(context.config),
             settle_seconds=1.0,
         )
+    if context.arguments.json:
+        output.print_json("sync-timers", report.as_json())
+        return EXIT_FAILED if report.not_active else EXIT_OK
     for line in report.lines():
         print(line)
     print(
@@ -201,7 +208,7 @@ def cmd_sync_timers(context: Context) -> int:
 
 
 def cmd_run(context: Context) -> int:
-    from virt_dup.actions.run import run_job
+    from virt_dup.actions.run import plan_job, run_job
 
     arguments = context.arguments
     if (arguments.job is None) == (arguments.domain is None):
@@ -214,18 +221,37 @@ def cmd_run(context: Context) -> int:
             raise NotFoundError(f"domain {domain.name()} has no virt-dup jobs")
     else:
         job_ids = [arguments.job]
-    progress = output.print_progress if sys.stderr.isatty() else None
+    if arguments.dry_run:
+        plans = [
+            plan_job(context.config, hypervisor, job_id, force_full=arguments.full)
+            for job_id in job_ids
+        ]
+        if arguments.json:
+            output.print_json("run-plan", {"plans": [plan.as_json() for plan in plans]})
+        else:
+            for plan in plans:
+                for line in plan.lines():
+                    print(line)
+        return EXIT_OK
+    results = []
     for job_id in job_ids:
-        result = run_job(
-            context.config,
-            hypervisor,
-            job_id,
-            force_full=arguments.full,
-            dry_run=arguments.dry_run,
-            progress=progress,
-        )
-        if result.result != "dry-run":
+        progress, end_progress = output.backup_progress()
+        try:
+            result = run_job(
+                context.config,
+                hypervisor,
+                job_id,
+                force_full=arguments.full,
+                report=output.progress_reporter() if arguments.json else print,
+                progress=progress,
+            )
+        finally:
+            end_progress()
+        results.append(result)
+        if not arguments.json:
             print(result.summary())
+    if arguments.json:
+        output.print_json("run", {"runs": [result.as_json() for result in results]})
     return EXIT_OK
 
 
@@ -255,6 +281,8 @@ def cmd_backups(context: Context) -> int:
         report=output.progress_reporter(),
     )
     output.print_backups(listings, arguments.json)
+    if not any(listing.backups for listing in listings):
+        return EXIT_NO_BACKUPS
     return EXIT_OK
 
 
@@ -279,7 +307,10 @@ def cmd_restore(context: Context) -> int:
     result = restore(context.config, lambda: context.hypervisor, request, report)
     for line in format_notices(result):
         print(f"{PROGRAM}: notice: {line}", file=sys.stderr)
-    print(result.summary())
+    if arguments.json:
+        output.print_json("restore", result.as_json())
+    else:
+        print(result.summary())
     if result.defined:
         sync_after_job_change(context)
     return EXIT_OK
@@ -300,7 +331,10 @@ def cmd_verify(context: Context) -> int:
     )
     for warning in result.warnings:
         print(f"{PROGRAM}: warning: {warning}", file=sys.stderr)
-    print(result.summary())
+    if arguments.json:
+        output.print_json("verify", result.as_json())
+    else:
+        print(result.summary())
     return EXIT_OK
 
 
@@ -336,14 +370,24 @@ VERBS: dict[str, cli_arguments.Verb] = {
 }
 
 
+def log_level(arguments: argparse.Namespace) -> int:
+    """The logging level the global options ask for: INFO, one step down per
+    ``-v`` (DEBUG), up per ``-q`` (WARNING, ERROR); ``--debug`` is DEBUG."""
+    if arguments.debug:
+        return logging.DEBUG
+    steps: int = arguments.quiet - arguments.verbose
+    return min(max(logging.INFO + 10 * steps, logging.DEBUG), logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None, hypervisor: Hypervisor | None = None) -> int:
     """Run virt-dup; returns the exit code.  ``hypervisor`` may be injected."""
     parser, subparsers = cli_arguments.build_parser(VERBS)
     argcomplete.autocomplete(parser)
+    # Before parsing (a usage error is shown with --debug's traceback too);
+    # the parsed options then set the level.
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO, format=f"{PROGRAM}: %(message)s"
-    )
+    logging.basicConfig(format=f"{PROGRAM}: %(message)s")
+    logging.getLogger().setLevel(logging.DEBUG if debug else logging.INFO)
     # What virt-dup and its children (duplicity's cache, gpg, qemu-img) create
     # is root's alone, as under the units' UMask=0077; modes that others need
     # (units, restored image directories) are set explicitly.
@@ -363,6 +407,8 @@ def _main(
 ) -> int:
     try:
         arguments = parser.parse_args(argv)
+        debug = arguments.debug
+        logging.getLogger().setLevel(log_level(arguments))
         if arguments.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE

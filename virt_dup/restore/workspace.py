@@ -315,7 +315,8 @@ class RestoreResult(journal.Outcome):
         line = (
             f"restored backup {self.backup_id} of domain {self.domain} (job {self.job_uuid}): "
             f"{', '.join(self.disks)}, {len(self.files)} file(s), "
-            f"{self.bytes / 2**20:.1f} MiB ({self.allocated / 2**20:.1f} MiB allocated) in "
+            f"{journal.human_size(self.bytes)} "
+            f"({journal.human_size(self.allocated)} allocated) in "
             f"{self.duration_seconds:.1f} s"
         )
         if self.defined:

@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, TextIO, TypeVar
 
+from tqdm import tqdm
+
 from virt_dup.errors import VirtDupError
 
 #: journald's native protocol socket; present whenever journald runs.
@@ -39,6 +41,16 @@ OutcomeT = TypeVar("OutcomeT", bound="Outcome")
 #: What journald accepts as a field name we set (``journal_field_valid``: at most 64
 #: characters, no leading digit, no leading "_": those are trusted fields).
 _FIELD_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+
+
+def human_size(size: int | float) -> str:
+    """A byte count as people read it (``8.50GB``, ``231MB``, ``999B``): tqdm's
+    formatter, the one its progress bars use, in decimal units (kB = 1000 B) so
+    that every label means what it says.  Below 1 kB, whole bytes (tqdm would
+    say ``5.00B``)."""
+    if abs(size) < 1000:
+        return f"{size:.0f}B"
+    return tqdm.format_sizeof(size, "B", 1000)
 
 
 def record(
@@ -150,6 +162,11 @@ class Outcome:
             priority=PRIORITY_ERR if self.result == "failed" else PRIORITY_INFO,
             **fields,  # type: ignore[arg-type]
         )
+
+    def as_json(self) -> dict[str, Any]:
+        """The outcome as ``--json`` prints it: the status fields, the action and
+        the summary line."""
+        return {"action": self.ACTION, **self.as_status(), "summary": self.summary()}
 
     def as_status(self) -> dict[str, Any]:
         """The outcome as a job's status file keeps it."""
