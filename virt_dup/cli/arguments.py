@@ -54,28 +54,62 @@ def add_add_job(subparsers: Subparsers) -> ArgumentParser:
     add.add_argument("domain", metavar="DOMAIN", help="domain name or UUID").completer = (  # type: ignore[attr-defined]
         complete_domains
     )
-    add.add_argument(
+    add_disk_flags(add)
+    add.add_argument("--uuid", metavar="UUID", help="use this job uuid instead of a new random one")
+    add_option_flags(add)
+    return add
+
+
+def add_disk_flags(parser: ArgumentParser) -> None:
+    """``--path FILE``, ``--dev DEV``: the disks a job backs up (add-job, edit-job)."""
+    parser.add_argument(
         "--path",
         action="append",
         metavar="FILE",
         help="back up the disk whose source is FILE (repeatable)",
     )
-    add.add_argument(
+    parser.add_argument(
         "--dev",
         action="append",
         metavar="DEV",
         help="back up the disk with target DEV, e.g. vda (repeatable)",
     )
-    add.add_argument("--uuid", metavar="UUID", help="use this job uuid instead of a new random one")
+
+
+def add_option_flags(parser: ArgumentParser) -> None:
+    """One flag per job option of :data:`~virt_dup.config.options.OPTIONS`."""
     for option in OPTIONS:
-        add.add_argument(
+        parser.add_argument(
             option.command_line_flag,
             dest=option.name,
             metavar=option.metavar,
             action="append" if option.repeatable else "store",
             help=option.description + (" (repeatable)" if option.repeatable else ""),
         )
-    return add
+
+
+def add_edit_job(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup edit-job``."""
+    edit = subparsers.add_parser(
+        "edit-job",
+        help="change a job's options, keeping its uuid",
+        description="Change the job JOB_UUID in its domain's XML (live and persistent "
+        "definition). It keeps its uuid, and so its timer and its backup collection. "
+        "Options not named stay as they are; --unset OPTION makes the job inherit OPTION "
+        "from virt-dup.yml again. Nothing is written when anything is wrong.",
+    )
+    edit.add_argument("job", metavar="JOB_UUID").completer = complete_jobs  # type: ignore[attr-defined]
+    add_disk_flags(edit)
+    edit.add_argument(
+        "--unset",
+        action="append",
+        metavar="OPTION",
+        choices=[*(option.name for option in OPTIONS), "disks"],
+        help="inherit OPTION again (a job option name such as full_retention, or disks: "
+        "every qcow2 disk) (repeatable)",
+    )
+    add_option_flags(edit)
+    return edit
 
 
 def add_remove_job(subparsers: Subparsers) -> ArgumentParser:

@@ -84,14 +84,9 @@ def sync_after_job_change(context: Context) -> None:
 
 def cmd_add_job(context: Context) -> int:
     arguments = context.arguments
-    values: dict[str, object] = {}
-    for option in OPTIONS:
-        value = getattr(arguments, option.name)
-        if value is not None:
-            values[option.name] = value
     request = job_actions.AddJobRequest(
         domain=arguments.domain,
-        option_values=values,
+        option_values=requested_option_values(arguments),
         devs=tuple(arguments.dev or ()),
         paths=tuple(arguments.path or ()),
         job_uuid=arguments.uuid,
@@ -105,6 +100,31 @@ def cmd_add_job(context: Context) -> int:
             "defaults.schedule: it gets no timer (run it with 'virt-dup run')",
             file=sys.stderr,
         )
+    sync_after_job_change(context)
+    return EXIT_OK
+
+
+def requested_option_values(arguments: argparse.Namespace) -> dict[str, object]:
+    """The job option flags given (add-job, edit-job): option name -> text."""
+    return {
+        option.name: getattr(arguments, option.name)
+        for option in OPTIONS
+        if getattr(arguments, option.name) is not None
+    }
+
+
+def cmd_edit_job(context: Context) -> int:
+    arguments = context.arguments
+    request = job_actions.EditJobRequest(
+        job_uuid=arguments.job,
+        option_values=requested_option_values(arguments),
+        unset=tuple(arguments.unset or ()),
+        devs=tuple(arguments.dev or ()),
+        paths=tuple(arguments.path or ()),
+    )
+    before, after = job_actions.edit_job(context.config, context.hypervisor, request)
+    for line in job_actions.job_changes(before, after):
+        print(f"job {after.uuid} of domain {after.domain_name}: {line}")
     sync_after_job_change(context)
     return EXIT_OK
 
@@ -287,7 +307,12 @@ def cmd_backups(context: Context) -> int:
 
 
 def cmd_restore(context: Context) -> int:
-    from virt_dup.actions.restore import RestoreRequest, format_notices, restore
+    from virt_dup.actions.restore import (
+        RestoreRequest,
+        format_notices,
+        plan_restore_request,
+        restore,
+    )
 
     arguments = context.arguments
     request = RestoreRequest(
@@ -304,6 +329,14 @@ def cmd_restore(context: Context) -> int:
         backing_files=tuple(arguments.backing_file or ()),
     )
     report = output.progress_reporter()
+    if arguments.dry_run:
+        planned = plan_restore_request(context.config, lambda: context.hypervisor, request, report)
+        if arguments.json:
+            output.print_json("restore-plan", planned.as_json())
+        else:
+            for line in planned.lines():
+                print(line)
+        return EXIT_OK
     result = restore(context.config, lambda: context.hypervisor, request, report)
     for line in format_notices(result):
         print(f"{PROGRAM}: notice: {line}", file=sys.stderr)
@@ -354,6 +387,7 @@ def cmd_help(context: Context) -> int:
 #: Every verb: how its arguments are declared, and what runs it.
 VERBS: dict[str, cli_arguments.Verb] = {
     "add-job": (cli_arguments.add_add_job, cmd_add_job),
+    "edit-job": (cli_arguments.add_edit_job, cmd_edit_job),
     "remove-job": (cli_arguments.add_remove_job, cmd_remove_job),
     "remove-all-jobs": (cli_arguments.add_remove_all_jobs, cmd_remove_all_jobs),
     "list-jobs": (cli_arguments.add_list_jobs, cmd_list_jobs),

@@ -41,8 +41,7 @@ def test_an_incremental_backup_success_line() -> None:
     result.result = "success"
     result.duration_seconds = 0.04
     assert result.summary() == (
-        f"job {JOB} of domain vm01: incremental backup of sda done in 0.0 s, "
-        "5B read, 0B uploaded"
+        f"job {JOB} of domain vm01: incremental backup of sda done in 0.0 s, 5B read, 0B uploaded"
     )
 
 
