@@ -35,6 +35,7 @@ from virt_dup.libvirt.connection import Hypervisor
 from virt_dup.restore.plan import bases_needed, plan_restore, target_dir_destinations
 from virt_dup.restore.sources import (
     BackupSource,
+    NoBackups,
     choose_backup,
     collection,
     fetch_metadata,
@@ -119,6 +120,8 @@ def verify(
             # backup of the job running meanwhile holds the job's cache.
             alone = replace(source, target=isolated(source.target, Path(directory) / "cache"))
             _verify(config, alone, backup_id, Path(directory) / "files", result, report)
+    except NoBackups:
+        raise  # nothing to verify is not a verdict on a backup (exit 3)
     except VirtDupError:
         raise VerifyFailed(result.summary()) from None
     finally:

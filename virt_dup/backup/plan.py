@@ -22,6 +22,7 @@ from virt_dup.config.load import Config, check_policy
 from virt_dup.config.options import JobOptions, masked_url
 from virt_dup.duplicity.cache import discard_interrupted_backup, partial_files
 from virt_dup.duplicity.collection import Collection, full_is_due
+from virt_dup.duplicity.listing import file_url_path
 from virt_dup.duplicity.protocol import BackupStats
 from virt_dup.duplicity.runner import Duplicity
 from virt_dup.duplicity.target import Target, isolated, job_target
@@ -176,11 +177,17 @@ def make_plan(
     target = job_target(config, job.uuid, options, backend_url)
     interrupted = partial_files(target)
     if dry_run:
-        # A cache of its own, thrown away: a dry run writes nothing in the job's
-        # (duplicity would create it and its lockfile), and an empty cache sees
-        # a partial set as the real run will, once it has discarded it.
-        with tempfile.TemporaryDirectory(prefix="virt-dup-plan-") as scratch:
-            collection = duplicity.collection_status(isolated(target, Path(scratch)))
+        directory = file_url_path(target.url)
+        if directory is not None and not directory.exists():
+            # duplicity would create the job's directory just to find it empty
+            collection = Collection(())
+        else:
+            # A cache of its own, thrown away: a dry run writes nothing in the
+            # job's (duplicity would create it and its lockfile), and an empty
+            # cache sees a partial set as the real run will, once it has
+            # discarded it.
+            with tempfile.TemporaryDirectory(prefix="virt-dup-plan-") as scratch:
+                collection = duplicity.collection_status(isolated(target, Path(scratch)))
     else:
         collection = discard_interrupted_backup(duplicity, target)
     full = force_full or full_is_due(collection, options.full_every)
