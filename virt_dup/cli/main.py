@@ -3,7 +3,8 @@
 
 Expected failures (:class:`~virt_dup.errors.VirtDupError`) become one line on
 stderr and an exit code (0 ok, 1 operation failed, 2 usage or configuration
-error); ``--debug`` adds the traceback.
+error, 3 no backups yet); ``--debug`` adds the traceback.  Under ``--json``
+a failure prints nothing on stdout.
 """
 
 from __future__ import annotations

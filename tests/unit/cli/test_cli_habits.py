@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -197,3 +200,38 @@ def test_no_progress_bar_without_a_terminal(capsys: pytest.CaptureFixture[str]) 
     assert progress is None
     close()
     assert capsys.readouterr().err == ""
+
+
+# -- completion -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("virt-dup list-jobs --con", "--config"),
+        ("virt-dup run --dry-run --js", "--json"),
+        ("virt-dup edit-job X --un", "--unset"),
+        ("virt-dup edit-job X --unset full_r", "full_retention"),
+        ("virt-dup edit-job X --full-ret", "--full-retention"),
+    ],
+)
+def test_completion_offers_global_options_after_the_verb_and_edit_job_flags(
+    line: str, expected: str, tmp_path: Path
+) -> None:
+    """Through argcomplete's own protocol, as bash runs it."""
+
+    finished = subprocess.run(
+        ["bash", "-c", '"$0" -m virt_dup 8>&1 9>/dev/null', sys.executable],
+        env={
+            **os.environ,
+            "COMP_LINE": line,
+            "COMP_POINT": str(len(line)),
+            "_ARGCOMPLETE": "1",
+            "_ARGCOMPLETE_IFS": "\n",
+            "VIRT_DUP_CONFIG": str(tmp_path / "absent.yml"),
+        },
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        check=False,
+        timeout=60,
+    )
+    assert expected in finished.stdout.split(), finished.stderr
