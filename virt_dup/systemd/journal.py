@@ -23,8 +23,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, TextIO, TypeVar
 
-from tqdm import tqdm
-
 from virt_dup.errors import VirtDupError
 
 #: journald's native protocol socket; present whenever journald runs.
@@ -50,6 +48,8 @@ def human_size(size: int | float) -> str:
     say ``5.00B``)."""
     if abs(size) < 1000:
         return f"{size:.0f}B"
+    from tqdm import tqdm  # only when shown: importing it costs ~0.1 s
+
     return tqdm.format_sizeof(size, "B", 1000)
 
 
