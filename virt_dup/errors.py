@@ -17,6 +17,9 @@ def shown(text: str) -> str:
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: The job, domain or backend exists (or may) but holds no backup yet: nothing to
+#: list, restore or verify.  Not a usage error, and not a failure of an operation.
+EXIT_NO_BACKUPS = 3
 
 
 class VirtDupError(Exception):

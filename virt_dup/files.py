@@ -144,13 +144,13 @@ def signals_deferred(consequence: str) -> Iterator[None]:
         raise Interrupted(f"stopped by {signal.Signals(arrived[0]).name}; {consequence}")
 
 
-def format_size(size: int | None) -> str:
-    """A size for people: ``12.3 MiB``; ``-`` when unknown."""
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+def human_size(size: int | float) -> str:
+    """A byte count as people read it (``8.50GB``, ``231MB``, ``999B``): tqdm's
+    formatter, the one its progress bars use, in decimal units (kB = 1000 B) so
+    that every label means what it says.  Below 1 kB, whole bytes (tqdm would
+    say ``5.00B``)."""
+    if abs(size) < 1000:
+        return f"{size:.0f}B"
+    from tqdm import tqdm  # only when shown: importing it costs ~0.1 s
+
+    return str(tqdm.format_sizeof(size, "B", 1000))

@@ -90,7 +90,7 @@ def test_running_domain_keeps_writes_made_during_backup(make_domain, environment
     assert [entry["path"] for entry in disk["files"]] == [str(top), str(base)]
     assert all(entry["sha256"] == sha256(before[Path(entry["path"])]) for entry in disk["files"])
     assert manifest["full"] is True
-    status = json.loads(environment.virt_dup("list-jobs", vm.name, "--json").stdout)[0]
+    status = json.loads(environment.virt_dup("list-jobs", vm.name, "--json").stdout)["jobs"][0]
     assert status["last_success"]["result"] == "success"
 
 

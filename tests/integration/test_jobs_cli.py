@@ -57,7 +57,9 @@ def metadata(vm: ScratchDomain, inactive: bool) -> str | None:
 
 
 def jobs_json(config: Path, domain: str) -> list[dict[str, object]]:
-    return json.loads(virt_dup(config, "list-jobs", domain, "--json").stdout)
+    document = json.loads(virt_dup(config, "list-jobs", domain, "--json").stdout)
+    assert document["schema"] == "virt-dup/list-jobs/1"
+    return document["jobs"]
 
 
 @pytest.mark.parametrize("running", [True, False], ids=["running", "shut-off"])
@@ -336,3 +338,85 @@ def test_completion_of_domain_names_and_job_uuids(
     assert complete(config, f"virt-dup add-job {vm.name[:-2]}", tmp_path) == [vm.name]
     assert job_uuid in complete(config, f"virt-dup remove-job {job_uuid[:8]}", tmp_path)
     assert "add-job" in complete(config, "virt-dup ad", tmp_path)
+
+
+# -- edit-job ---------------------------------------------------------------------------------
+def test_edit_job_changes_options_in_both_definitions_and_keeps_the_uuid(
+    make_domain, config: Path
+) -> None:
+    vm = make_domain(chain=["base", "vm"], running=True)
+    job = virt_dup(config, "add-job", vm.name, "--depth", "-1").stdout.strip()
+
+    edited = virt_dup(
+        config, "edit-job", job, "--full-retention", "5", "--unset", "depth", "--dev", "vda"
+    )
+
+    assert f"job {job} of domain {vm.name}: depth: -1 -> inherited" in edited.stdout
+    assert f"job {job} of domain {vm.name}: full_retention: inherited -> 5" in edited.stdout
+    (record,) = jobs_json(config, vm.name)
+    assert record["job"] == job and record["uuid_derived"] is False
+    assert record["set_on_job"] == ["full_retention"]
+    assert record["options"]["depth"] == 0
+    assert record["disks"] == {"devs": ["vda"], "paths": []}
+    for inactive in (True, False):
+        written = metadata(vm, inactive=inactive)
+        assert written is not None and job in written
+        assert 'full_retention="5"' in written and "depth=" not in written
+    assert 'full_retention="5"' in Path(f"/etc/libvirt/qemu/{vm.name}.xml").read_text()
+
+
+def test_edit_job_makes_a_derived_uuid_explicit_and_keeps_it(make_domain, config: Path) -> None:
+    vm = make_domain(chain=["base", "vm"], running=False)
+    vm.domain.setMetadata(
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+        '<instance><job depth="0"/></instance>',
+        "virt-dup",
+        NAMESPACE,
+        libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+    )
+    (derived,) = jobs_json(config, vm.name)
+    assert derived["uuid_derived"] is True
+
+    virt_dup(config, "edit-job", str(derived["job"]), "--depth", "-1")
+
+    (record,) = jobs_json(config, vm.name)
+    assert record["job"] == derived["job"] and record["uuid_derived"] is False
+    assert record["options"]["depth"] == -1
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--depth", "deep"], "--depth"),
+        (["--backend", "nowhere"], "nowhere"),
+        (["--dev", "vdz"], "vdz"),
+        (["--schedule", "0 0 30 2 *"], "invalid schedule"),
+        (["--unset", "colour"], "invalid choice"),
+        ([], "nothing to change"),
+        (["--depth", "1", "--unset", "depth"], "exclude each other"),
+        (["--dev", "vda", "--unset", "disks"], "exclude each other"),
+    ],
+)
+def test_edit_job_refuses_bad_input_in_one_line_and_changes_nothing(
+    make_domain, config: Path, arguments: list[str], message: str
+) -> None:
+    vm = make_domain(chain=["base", "vm"], running=True)
+    job = virt_dup(config, "add-job", vm.name, "--depth", "-1").stdout.strip()
+    before = metadata(vm, inactive=True), metadata(vm, inactive=False)
+    persistent = Path(f"/etc/libvirt/qemu/{vm.name}.xml").read_text()
+
+    refused = virt_dup(config, "edit-job", job, *arguments, check=False)
+
+    (line,) = refused.stderr.splitlines()
+    assert refused.returncode == 2, line
+    assert line.startswith("virt-dup: error: ") and message in line, line
+    assert refused.stdout == ""
+    assert (metadata(vm, inactive=True), metadata(vm, inactive=False)) == before
+    assert Path(f"/etc/libvirt/qemu/{vm.name}.xml").read_text() == persistent
+
+
+def test_edit_job_of_an_unknown_job_is_exit_2(config: Path) -> None:
+    job = "0e1f2a3b-1111-4222-8333-444455556666"
+    refused = virt_dup(config, "edit-job", job, "--depth", "1", check=False)
+    assert refused.returncode == 2
+    assert job in refused.stderr

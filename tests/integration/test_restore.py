@@ -105,7 +105,9 @@ def run_backup(environment: BackupEnvironment, job: str) -> str:
 
 
 def backups_json(environment: BackupEnvironment, *arguments: str) -> list[dict]:
-    return json.loads(environment.virt_dup("backups", "--json", *arguments).stdout)
+    document = json.loads(environment.virt_dup("backups", "--json", *arguments).stdout)
+    assert document["schema"] == "virt-dup/backups/1"
+    return document["jobs"]
 
 
 def error_of(finished: subprocess.CompletedProcess[str]) -> str:
@@ -240,7 +242,7 @@ def test_disaster_recovery_from_the_backend_alone(make_domain, environment, tmp_
     restored.create()
     assert restored.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     # its job came back with it: backups carry on into the same collection
-    (listed,) = json.loads(environment.virt_dup("list-jobs", vm.name, "--json").stdout)
+    (listed,) = json.loads(environment.virt_dup("list-jobs", vm.name, "--json").stdout)["jobs"]
     assert listed["job"] == job
 
 

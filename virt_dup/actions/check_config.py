@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from virt_dup.config.load import PLACEHOLDER_KEY, Config, read_passphrase
 from virt_dup.config.options import masked_url
@@ -47,6 +48,8 @@ class CheckReport:
 
     lines: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: libvirt's library version, when asked to connect.
+    libvirt_version: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -80,8 +83,31 @@ def check_config(
         check_backends(config, report)
     if hypervisor is not None:
         major, minor = hypervisor().library_version()
-        report.lines.append(f"libvirt reachable (library {major}.{minor})")
+        report.libvirt_version = f"{major}.{minor}"
+        report.lines.append(f"libvirt reachable (library {report.libvirt_version})")
     return report
+
+
+def config_report(config: Config, report: CheckReport) -> dict[str, Any]:
+    """What ``check-config --json`` prints: what ``config`` sets (backend URLs
+    masked), what was proven (``report.lines``) and each problem."""
+    return {
+        "config": str(config.path),
+        "config_exists": config.path.exists(),
+        "notices": list(config.notices),
+        "scope": config.scope,
+        "libvirt_uri": config.libvirt_uri,
+        "backends": {name: masked_url(url) for name, url in config.backends.items()},
+        "encryption_keys": list(config.encryption.keys),
+        "libvirt": (
+            None
+            if report.libvirt_version is None
+            else {"reachable": True, "library_version": report.libvirt_version}
+        ),
+        "proven": list(report.lines),
+        "problems": list(report.problems),
+        "ok": report.ok,
+    }
 
 
 # -- programs ------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from virt_dup.actions.check_config import check_config
 from virt_dup.config.load import Config
 from virt_dup.duplicity.target import DEFAULT_VOLSIZE_MB
 from virt_dup.errors import CommandError, ConfigError, LibvirtError, NotFoundError
-from virt_dup.files import format_size
+from virt_dup.files import human_size
 from virt_dup.images.chain import read_chain
 from virt_dup.libvirt.connection import Hypervisor
 from virt_dup.libvirt.domain_xml import Disk, select_disks
@@ -219,7 +219,7 @@ def check_overlay_room(subject: str, disk: Disk) -> list[Finding]:
         size = read_chain(str(disk.source))[0].virtual_size
     except (CommandError, NotFoundError):
         size = 0
-    what = f"disk {disk.target}: {format_size(free)} free in {directory} for its overlay"
+    what = f"disk {disk.target}: {human_size(free)} free in {directory} for its overlay"
     if free < OVERLAY_PROBLEM_BYTES:
         return [Finding(PROBLEM, subject, what, "free space on that file system")]
     if free < size * OVERLAY_WARNING_SHARE:
@@ -227,7 +227,7 @@ def check_overlay_room(subject: str, disk: Disk) -> list[Finding]:
             Finding(
                 WARNING,
                 subject,
-                f"{what} (less than {OVERLAY_WARNING_SHARE:.0%} of its {format_size(size)})",
+                f"{what} (less than {OVERLAY_WARNING_SHARE:.0%} of its {human_size(size)})",
                 "free space on that file system",
             )
         ]
@@ -267,8 +267,8 @@ def check_backend_room(subject: str, directory: Path, allocated: int) -> list[Fi
             Finding(
                 WARNING,
                 subject,
-                f"{format_size(free)} free for its file:// backend {directory}, less than the "
-                f"{format_size(allocated)} its disks hold: a full backup may not fit",
+                f"{human_size(free)} free for its file:// backend {directory}, less than the "
+                f"{human_size(allocated)} its disks hold: a full backup may not fit",
                 "free space there, or a backend elsewhere",
             )
         ]
@@ -279,14 +279,14 @@ def check_backend_room(subject: str, directory: Path, allocated: int) -> list[Fi
 def check_cache(config: Config) -> list[Finding]:
     directory = config.cache_directory
     free = free_bytes(directory)
-    what = f"{format_size(free)} free for {directory} (duplicity's signatures and staged volumes)"
+    what = f"{human_size(free)} free for {directory} (duplicity's signatures and staged volumes)"
     if free < CACHE_PROBLEM_BYTES:
         return [
             Finding(
                 PROBLEM,
                 "cache",
                 what,
-                f"at least {format_size(CACHE_WARNING_BYTES)} free there, or cache_dir elsewhere",
+                f"at least {human_size(CACHE_WARNING_BYTES)} free there, or cache_dir elsewhere",
             )
         ]
     if free < CACHE_WARNING_BYTES:

@@ -6,6 +6,7 @@ an unknown disk or backend leaves the domain XML untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -115,6 +116,99 @@ def check_keys_exist(config: Config, options: JobOptions) -> None:
                 f"{keyring.home}: run 'virt-dup init' (or 'virt-dup init --import FILE'), "
                 "then add the job; nothing was written"
             )
+
+
+@dataclass(frozen=True)
+class EditJobRequest:
+    """What ``edit-job`` was asked for, as text from the command line."""
+
+    job_uuid: str
+    option_values: Mapping[str, object]  # option name -> str or list[str]
+    #: Option names to unset (the job then inherits them again).
+    unset: tuple[str, ...] = ()
+    #: A new disk selection (replaces the old one when either is given).
+    devs: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+
+
+#: What ``edit-job --unset`` takes besides the option names.
+UNSET_DISKS = "disks"
+
+
+def option_name(text: str) -> str:
+    """An option's name from ``--unset`` text: ``full_retention``,
+    ``full-retention`` or ``--full-retention`` (its add-job flag); ``disks``."""
+    if text == UNSET_DISKS:
+        return text
+    for name, option in OPTIONS_BY_NAME.items():
+        if text in (name, name.replace("_", "-"), option.command_line_flag):
+            return name
+    known = ", ".join([*OPTIONS_BY_NAME, UNSET_DISKS])
+    raise UsageError(f"--unset: no job option {text[:60]!r} (one of: {known})")
+
+
+def edit_job(config: Config, hypervisor: Hypervisor, request: EditJobRequest) -> tuple[Job, Job]:
+    """Change a job in its domain's XML (live and persistent), keeping its uuid and
+    so its backup collection; returns (the job before, the job as written).
+
+    Raises before writing anything when the job, a disk, a backend or a value
+    is wrong, or when the request changes nothing it could name.
+    """
+    domain, job = hypervisor.find_job(request.job_uuid)
+    unset = {option_name(text) for text in request.unset}
+    both = unset.intersection(request.option_values)
+    if both:
+        raise UsageError(f"--unset {sorted(both)[0]} and its flag exclude each other")
+    new_disks = bool(request.devs or request.paths)
+    if new_disks and UNSET_DISKS in unset:
+        raise UsageError("--dev/--path and --unset disks exclude each other")
+    if not (request.option_values or unset or new_disks):
+        raise UsageError("nothing to change: give job option flags, --dev/--path or --unset")
+    changed = parse_requested_options(request.option_values).set_values()
+    values = {**job.options.set_values(), **changed}
+    for name in unset - {UNSET_DISKS}:
+        values.pop(name, None)
+    options = JobOptions(**values)
+    for backend in options.backends or ():
+        config.backend_url(backend)
+    check_policy(config, options, f"job {job.uuid}")
+    check_keys_exist(config, options)
+    if new_disks:
+        selector = DiskSelector(tuple(request.devs), tuple(request.paths))
+    elif UNSET_DISKS in unset:
+        selector = DiskSelector()
+    else:
+        selector = job.disks
+    select_disks(hypervisor.disks(domain, inactive=True), selector, domain.name())
+    edited = dataclasses.replace(job, disks=selector, options=options, uuid_derived=False)
+    jobs = hypervisor.jobs(domain)  # refuses to overwrite malformed metadata
+    hypervisor.write_jobs(domain, [edited if other.uuid == job.uuid else other for other in jobs])
+    return job, edited
+
+
+def job_changes(before: Job, after: Job) -> list[str]:
+    """What an edit changed, one line per option (``depth: 0 -> -1``, ``depth: -1 ->
+    inherited``), and the disks; "nothing changed" when the values were the same."""
+    old, new = before.options.set_values(), after.options.set_values()
+
+    def shown(values: dict[str, Any], name: str) -> str:
+        if name not in values:
+            return "inherited"
+        value = values[name]
+        return ",".join(value) if isinstance(value, tuple) else str(value)
+
+    lines = [
+        f"{name}: {shown(old, name)} -> {shown(new, name)}"
+        for name in OPTIONS_BY_NAME
+        if old.get(name) != new.get(name)
+    ]
+    if before.disks != after.disks:
+
+        def disks(selector: DiskSelector) -> str:
+            return ",".join([*selector.devs, *selector.paths]) or "every qcow2 disk"
+
+        lines.append(f"disks: {disks(before.disks)} -> {disks(after.disks)}")
+    return lines or ["nothing changed"]
 
 
 def remove_job(hypervisor: Hypervisor, job_uuid: str) -> Job:

@@ -18,10 +18,13 @@ Where the files go:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import libvirt
 
@@ -166,6 +169,20 @@ def restore(
     it was (the failure is recorded in the journal as well).
     """
     request.check()
+    source, backup_id, metadata = _find_backup(config, hypervisor, request, report)
+    result = RestoreResult(source.job_uuid, metadata.manifest.domain_name, backup_id=backup_id)
+    with journal.recorded(result):
+        _Restore(config, hypervisor, request, source, backup_id, metadata, result, report).run()
+    return result
+
+
+def _find_backup(
+    config: Config,
+    hypervisor: Callable[[], Hypervisor],
+    request: RestoreRequest,
+    report: Callable[[str], None],
+) -> tuple[BackupSource, str, BackupMetadata]:
+    """The job's collection, the backup id and its metadata that ``request`` means."""
     found = find_sources(
         config,
         hypervisor,
@@ -177,12 +194,93 @@ def restore(
     source, found_metadata = one_source(found, f"domain {request.domain}")
     backup = choose_backup(collection(source), request.backup_id)
     hint = found_metadata.folder if found_metadata else None
-    metadata = fetch_metadata(config, source, backup.id, hint, report=report)
-    manifest = metadata.manifest
-    result = RestoreResult(source.job_uuid, manifest.domain_name, backup_id=backup.id)
-    with journal.recorded(result):
-        _Restore(config, hypervisor, request, source, backup.id, metadata, result, report).run()
-    return result
+    return source, backup.id, fetch_metadata(config, source, backup.id, hint, report=report)
+
+
+@dataclass(frozen=True)
+class RestoreDryRun:
+    """What ``restore`` would do (``restore --dry-run``)."""
+
+    job_uuid: str
+    domain: str
+    backup_id: str
+    in_place: bool
+    #: (where the file was, where it would go), bottom of each chain first.
+    files: tuple[tuple[str, str], ...]
+    disks: tuple[str, ...]
+    definition: Definition | None
+    #: The pid of a run of the domain in progress (in place: the restore would wait).
+    busy: str | None = None
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"restore backup {self.backup_id} of domain {self.domain} (job {self.job_uuid}): "
+            f"{', '.join(self.disks)}" + (" in place" if self.in_place else "")
+        ]
+        lines += [f"  {original} -> {destination}" for original, destination in self.files]
+        if self.definition is not None and not self.definition.already_defined:
+            kind = "a copy" if self.definition.copy else "the same domain"
+            lines.append(f"define domain {self.definition.name} ({kind})")
+        if self.busy is not None:
+            lines.append(f"domain {self.domain}: a run (pid {self.busy}) holds its lock")
+        return lines
+
+    def as_json(self) -> dict[str, object]:
+        definition = self.definition
+        return {
+            "job": self.job_uuid,
+            "domain": self.domain,
+            "backup_id": self.backup_id,
+            "in_place": self.in_place,
+            "disks": list(self.disks),
+            "files": [
+                {"original": original, "destination": destination}
+                for original, destination in self.files
+            ],
+            "define": None
+            if definition is None or definition.already_defined
+            else {"name": definition.name, "copy": definition.copy},
+            "busy_pid": self.busy,
+        }
+
+
+def plan_restore_request(
+    config: Config,
+    hypervisor: Callable[[], Hypervisor],
+    request: RestoreRequest,
+    report: Callable[[str], None] = lambda _line: None,
+) -> RestoreDryRun:
+    """What :func:`restore` would do for ``request``, refusing what it would refuse,
+    and doing none of it: no file restored or set aside, no lock, no
+    definition, no journal record, and the backend is read with a cache of its
+    own that is thrown away (nothing is written in the cache directory)."""
+    request.check()
+    with tempfile.TemporaryDirectory(prefix="virt-dup-plan-") as scratch:
+        scratch_config = dataclasses.replace(config, cache_dir=Path(scratch))
+        source, backup_id, metadata = _find_backup(scratch_config, hypervisor, request, report)
+        manifest = metadata.manifest
+        result = RestoreResult(source.job_uuid, manifest.domain_name, backup_id=backup_id)
+        planner = _Restore(
+            scratch_config, hypervisor, request, source, backup_id, metadata, result, report
+        )
+        domain = planner._in_place_domain() if request.in_place else None
+        plan = planner._plan(domain)
+        definition = planner._definition() if request.define else None
+        busy = None
+        if domain is not None:
+            store = StateStore.of(config)
+            busy = store.lock_holder(domain.UUIDString())
+            _check_shut_off(hypervisor(), domain, store)
+    return RestoreDryRun(
+        source.job_uuid,
+        manifest.domain_name,
+        backup_id,
+        request.in_place,
+        tuple((entry.original, entry.destination) for entry in plan.files),
+        tuple(disk.target for disk in plan.disks),
+        definition,
+        busy,
+    )
 
 
 @dataclass

@@ -18,6 +18,7 @@ exception so step 6 still runs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from virt_dup.backup.overlay import (
     merge_overlay,
 )
 from virt_dup.backup.plan import DiskPlan, Plan, check_complete, make_plan, wait_past_last_backup
-from virt_dup.backup.recovery import recover_domain
+from virt_dup.backup.recovery import PendingMerge, pending_recovery, recover_domain
 from virt_dup.backup.state import RunRecord, StateStore
 from virt_dup.config.load import Config
 from virt_dup.config.options import interval_length, masked_url
@@ -43,7 +44,7 @@ from virt_dup.duplicity.collection import Collection
 from virt_dup.duplicity.protocol import BackupProgress
 from virt_dup.duplicity.runner import Duplicity
 from virt_dup.errors import LibvirtError, VirtDupError
-from virt_dup.files import file_errors_reported, interruptible, signals_deferred
+from virt_dup.files import file_errors_reported, human_size, interruptible, signals_deferred
 from virt_dup.libvirt.connection import Hypervisor
 from virt_dup.libvirt.domain_xml import parse_disks
 from virt_dup.libvirt.metadata import Job
@@ -84,7 +85,8 @@ class RunResult(journal.Outcome):
         return (
             f"job {self.job_uuid} of domain {self.domain}: {self.kind} backup of "
             f"{', '.join(self.disks)} done in {self.duration_seconds:.1f} s, "
-            f"{self.bytes_read} bytes read, {self.bytes_uploaded} bytes uploaded"
+            f"{human_size(self.bytes_read)} read, "
+            f"{human_size(self.bytes_uploaded)} uploaded"
         )
 
     def details(self) -> dict[str, object]:
@@ -106,7 +108,6 @@ def run_job(
     job_uuid: str,
     *,
     force_full: bool = False,
-    dry_run: bool = False,
     report: Callable[[str], None] = print,
     progress: Callable[[BackupProgress], None] | None = None,
     duplicity: Duplicity | None = None,
@@ -127,10 +128,92 @@ def run_job(
             file_errors_reported(),
             store.domain_lock(domain.UUIDString(), domain.name(), lock_wait_seconds),
         ):
-            run.locked(result, force_full=force_full, dry_run=dry_run)
+            run.locked(result, force_full=force_full)
     except VirtDupError as error:
         raise RunFailed(result, error) from None
     return result
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What ``run`` would do now (``run --dry-run``)."""
+
+    job_uuid: str
+    domain: str
+    #: The pid of a run of this domain in progress (None: none runs).
+    busy: str | None = None
+    #: What recovery would merge back first.
+    recovery: tuple[PendingMerge, ...] = ()
+    #: Why the run would be skipped (disable_if_powered_off), else None.
+    skipped: str | None = None
+    plan: Plan | None = None
+
+    def lines(self) -> list[str]:
+        lines = []
+        if self.busy is not None:
+            lines.append(
+                f"domain {self.domain}: a run (pid {self.busy}) holds its lock; this run "
+                "would wait for it"
+            )
+        lines += [pending.line() for pending in self.recovery]
+        if self.skipped is not None:
+            lines.append(f"job {self.job_uuid}: skipped: {self.skipped}")
+        if self.plan is not None:
+            lines += self.plan.describe()
+        return lines
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "job": self.job_uuid,
+            "domain": self.domain,
+            "busy_pid": self.busy,
+            "recovery": [dataclasses.asdict(pending) for pending in self.recovery],
+            "skipped": self.skipped,
+            "plan": None if self.plan is None else self.plan.as_json(),
+        }
+
+
+def plan_job(
+    config: Config,
+    hypervisor: Hypervisor,
+    job_uuid: str,
+    *,
+    force_full: bool = False,
+    duplicity: Duplicity | None = None,
+) -> DryRun:
+    """What :func:`run_job` would do now, doing none of it.
+
+    Nothing is written or held: no lock (only asked who holds it), no
+    recovery (only what it would merge), no run record, no status, no journal
+    record, nothing in the job's duplicity cache, nothing on the backend.  A
+    disk that recovery would take off an overlay is planned on the file below
+    it, as the run will find it.  Raises what planning raises.
+    """
+    domain, job = hypervisor.find_job(job_uuid)
+    store = StateStore.of(config)
+    name = domain.name()
+    busy = store.lock_holder(domain.UUIDString())
+    # The overlays on the domain now, and the files below them.  A live run's
+    # are not for recovery (that run merges them), but the plan looks below
+    # them all the same.
+    overlays = tuple(pending_recovery(hypervisor, store, domain))
+    recovery = () if busy else overlays
+    running = bool(hypervisor.call(f"cannot read the state of domain {name}", domain.isActive))
+    if job.options.over(config.defaults).disable_if_powered_off and not running:
+        reason = f"domain {name} is shut off (disable_if_powered_off)"
+        return DryRun(job.uuid, name, busy, recovery, skipped=reason)
+    xml = hypervisor.domain_xml(domain) if running else hypervisor.domain_xml(domain, inactive=True)
+    originals = {pending.target: pending.original_top for pending in overlays}
+    disks = [
+        dataclasses.replace(disk, source=originals[disk.target])
+        if disk.target in originals
+        else disk
+        for disk in parse_disks(xml, f"domain {name}")
+    ]
+    plan = make_plan(
+        config, duplicity or Duplicity(), disks, running, job, force_full, dry_run=True
+    )
+    return DryRun(job.uuid, name, busy, recovery, plan=plan)
 
 
 def _write_status(store: StateStore, result: RunResult) -> None:
@@ -151,7 +234,7 @@ class _Run:
     report: Callable[[str], None]
     progress: Callable[[BackupProgress], None] | None
 
-    def locked(self, result: RunResult, *, force_full: bool, dry_run: bool) -> None:
+    def locked(self, result: RunResult, *, force_full: bool) -> None:
         """Steps 2-7 of the module docstring, under the domain's lock."""
         domain, hypervisor = self.domain, self.hypervisor
         for line in recover_domain(hypervisor, self.store, domain):
@@ -167,14 +250,7 @@ class _Run:
         domain_xml = hypervisor.domain_xml(domain, inactive=True)
         current_xml = hypervisor.domain_xml(domain) if running else domain_xml
         disks = parse_disks(current_xml, f"domain {name}")
-        plan = make_plan(
-            self.config, self.duplicity, disks, running, self.job, force_full, dry_run=dry_run
-        )
-        if dry_run:
-            for line in plan.describe():
-                self.report(line)
-            result.result = "dry-run"
-            return
+        plan = make_plan(self.config, self.duplicity, disks, running, self.job, force_full)
         result.full = plan.full
         result.disks = [disk.target for disk in plan.disks]
         wait_past_last_backup(plan.collection)
@@ -239,11 +315,18 @@ class _Run:
         files |= {os.fspath(path): path.stat().st_size for path in metadata.iterdir()}
         includes = [*dict.fromkeys(f.file for disk in plan.disks for f in disk.selected)]
         stall = plan.options.stall_timeout
+        progress = None
+        if self.progress is not None:
+            on_progress, total = self.progress, sum(files.values())
+
+            def progress(read: BackupProgress) -> None:
+                on_progress(dataclasses.replace(read, total_bytes=total))
+
         stats = self.duplicity.backup(
             plan.target,
             [*includes, os.fspath(metadata)],
             full=plan.full,
-            progress=self.progress,
+            progress=progress,
             stall_seconds=interval_length(stall).total_seconds() if stall else None,
         )
         check_complete(stats, files)

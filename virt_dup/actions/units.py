@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from virt_dup.config.load import Config
@@ -53,6 +53,15 @@ class SyncReport:
     #: Inactive timers left alone because virt-dup.target is stopped (backups paused).
     paused: tuple[str, ...] = ()
     unchanged: int = 0
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "started": list(self.started),
+            "removed": list(self.removed),
+            "not_active": [{"timer": name, "state": state} for name, state in self.not_active],
+            "paused": list(self.paused),
+            "unchanged": self.unchanged,
+        }
 
     def lines(self) -> list[str]:
         lines = [f"started {name}" for name in self.started]
@@ -168,6 +177,42 @@ def sync_timers(manager: ServiceManager) -> SyncReport:
     )
 
 
+@dataclass
+class Installed:
+    """What :func:`install_units` wrote (or, in a dry run, would write)."""
+
+    scope: str
+    dry_run: bool
+    #: path -> (text, mode) of every file.
+    files: dict[str, tuple[str, int]] = field(default_factory=dict)
+    symlinks: dict[str, str] = field(default_factory=dict)
+    #: Directories made because they were missing (dry run: that would be, when missing).
+    directories: dict[str, int] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+    #: Units started after the reload; None when no manager was reachable (or a dry
+    #: run, or a scratch root).
+    started: list[str] | None = None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "scope": self.scope,
+            "dry_run": self.dry_run,
+            "files": [
+                {"path": path, "mode": f"{mode:04o}", **({"text": text} if self.dry_run else {})}
+                for path, (text, mode) in sorted(self.files.items())
+            ],
+            "symlinks": [
+                {"path": link, "target": target} for link, target in sorted(self.symlinks.items())
+            ],
+            "directories": [
+                {"path": path, "mode": f"{mode:04o}"}
+                for path, mode in sorted(self.directories.items())
+            ],
+            "removed": list(self.removed),
+            "started": self.started,
+        }
+
+
 def show_installation(installation: Installation, say: Callable[[str], None]) -> None:
     """``install-units --dry-run``: every file with its text, link and directory."""
     for path, (text, mode) in sorted(installation.files.items()):
@@ -189,9 +234,9 @@ def install_units(
     say: Callable[[str], None],
     notice: Callable[[str], None],
     root: Path | None = None,
-) -> None:
+) -> Installed:
     """Write the units and the generator as ``settings`` say, reload the manager
-    and start :data:`~virt_dup.systemd.units.START_UNITS`.
+    and start :data:`~virt_dup.systemd.units.START_UNITS`; returns what it did.
 
     ``dry_run`` prints the files instead.  ``root``: write them into that
     scratch tree instead (``settings`` name the host's paths) and leave the
@@ -206,13 +251,22 @@ def install_units(
         data_directory("units"), data_directory("generator")
     )
     installation = render_installation(settings, unit_sources, generator_source)
+    installed = Installed(
+        settings.scope,
+        dry_run,
+        files={str(path): content for path, content in installation.files.items()},
+        symlinks={str(link): str(target) for link, target in installation.symlinks.items()},
+        removed=[str(path) for path in installation.removed],
+    )
     if dry_run:
+        installed.directories = {str(d): mode for d, mode in installation.directories.items()}
         show_installation(installation, say)
-        return
+        return installed
     if root is not None:
         installation = installation.under(root)
     missing = [directory for directory in installation.directories if not directory.exists()]
     write_installation(installation)
+    installed.directories = {str(d): installation.directories[d] for d in missing}
     for directory in missing:
         say(f"created {directory}")
     for path in sorted(installation.files):
@@ -226,10 +280,10 @@ def install_units(
             f"this tree becomes, run: {systemctl} daemon-reload && "
             f"{systemctl} start {' '.join(START_UNITS)}"
         )
-        return
+        return installed
     try:
         with ServiceManager.connect(settings.scope) as manager:
-            started = start_installed(manager)
+            installed.started = start_installed(manager)
     except SystemdUnavailable as error:
         log.debug("%s", error)
         notice(
@@ -237,8 +291,9 @@ def install_units(
             f"next boot, or run: {systemctl} daemon-reload && "
             f"{systemctl} start {' '.join(START_UNITS)}"
         )
-        return
-    say(f"reloaded the {settings.scope} manager; started {', '.join(started)}")
+        return installed
+    say(f"reloaded the {settings.scope} manager; started {', '.join(installed.started)}")
+    return installed
 
 
 def sync_after_job_change(config: Config, report: Callable[[str], None]) -> None:

@@ -31,10 +31,12 @@ from pathlib import Path
 from virt_dup.config.load import Config
 from virt_dup.duplicity.target import isolated
 from virt_dup.errors import VirtDupError
+from virt_dup.files import human_size
 from virt_dup.libvirt.connection import Hypervisor
 from virt_dup.restore.plan import bases_needed, plan_restore, target_dir_destinations
 from virt_dup.restore.sources import (
     BackupSource,
+    NoBackups,
     choose_backup,
     collection,
     fetch_metadata,
@@ -69,7 +71,7 @@ class VerifyResult(journal.Outcome):
 
     def success_line(self) -> str:
         return (
-            f"verified {self._what()}: {self.files} file(s), {self.bytes / 2**20:.1f} MiB, "
+            f"verified {self._what()}: {self.files} file(s), {human_size(self.bytes)}, "
             f"checksums equal, qemu-img check clean, in {self.duration_seconds:.1f} s"
         )
 
@@ -119,6 +121,8 @@ def verify(
             # backup of the job running meanwhile holds the job's cache.
             alone = replace(source, target=isolated(source.target, Path(directory) / "cache"))
             _verify(config, alone, backup_id, Path(directory) / "files", result, report)
+    except NoBackups:
+        raise  # nothing to verify is not a verdict on a backup (exit 3)
     except VirtDupError:
         raise VerifyFailed(result.summary()) from None
     finally:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from virt_dup.backup.overlay import is_virt_dup_overlay, overlay_path
@@ -20,9 +22,10 @@ from virt_dup.config.load import Config, check_policy
 from virt_dup.config.options import JobOptions, masked_url
 from virt_dup.duplicity.cache import discard_interrupted_backup, partial_files
 from virt_dup.duplicity.collection import Collection, full_is_due
+from virt_dup.duplicity.listing import file_url_path
 from virt_dup.duplicity.protocol import BackupStats
 from virt_dup.duplicity.runner import Duplicity
-from virt_dup.duplicity.target import Target, job_target
+from virt_dup.duplicity.target import Target, isolated, job_target
 from virt_dup.errors import ConfigError, VirtDupError
 from virt_dup.images.chain import ChainFile, read_chain, select_chain
 from virt_dup.libvirt.domain_xml import Disk, select_disks
@@ -87,6 +90,27 @@ class Plan:
     #: An interrupted backup left a partial set (discarded unless this is a dry run).
     interrupted_backup: bool = False
 
+    def as_json(self) -> dict[str, Any]:
+        """The plan as ``run --dry-run --json`` prints it (no secret: the URL is masked)."""
+        return {
+            "job": self.job.uuid,
+            "domain": {"name": self.job.domain_name, "uuid": self.job.domain_uuid},
+            "domain_running": self.domain_running,
+            "backend": masked_url(self.backend_url),
+            "type": "full" if self.full else "incremental",
+            "depth": self.options.depth or 0,
+            "interrupted_backup": self.interrupted_backup,
+            "disks": [
+                {
+                    "target": disk.target,
+                    "chain": [chain_file.path for chain_file in disk.chain],
+                    "selected": [chain_file.path for chain_file in disk.selected],
+                    "selected_bytes": sum(os.stat(f.path).st_size for f in disk.selected),
+                }
+                for disk in self.disks
+            ],
+        }
+
     def describe(self) -> list[str]:
         lines = [
             f"job {self.job.uuid} of domain {self.job.domain_name} "
@@ -116,7 +140,8 @@ def make_plan(
 ) -> Plan:
     """Decide the run without touching the domain; raises on every problem found.
 
-    Unless ``dry_run``, what an interrupted backup of the job left in its
+    With ``dry_run`` nothing is written (not even the job's cache).  Otherwise
+    what an interrupted backup of the job left in its
     cache and on its backend is deleted first (it must never be resumed:
     :func:`virt_dup.duplicity.cache.discard_interrupted_backup`), so that full
     or incremental is decided on the collection as the backup will find it.
@@ -152,7 +177,17 @@ def make_plan(
     target = job_target(config, job.uuid, options, backend_url)
     interrupted = partial_files(target)
     if dry_run:
-        collection = duplicity.collection_status(target)
+        directory = file_url_path(target.url)
+        if directory is not None and not directory.exists():
+            # duplicity would create the job's directory just to find it empty
+            collection = Collection(())
+        else:
+            # A cache of its own, thrown away: a dry run writes nothing in the
+            # job's (duplicity would create it and its lockfile), and an empty
+            # cache sees a partial set as the real run will, once it has
+            # discarded it.
+            with tempfile.TemporaryDirectory(prefix="virt-dup-plan-") as scratch:
+                collection = duplicity.collection_status(isolated(target, Path(scratch)))
     else:
         collection = discard_interrupted_backup(duplicity, target)
     full = force_full or full_is_due(collection, options.full_every)

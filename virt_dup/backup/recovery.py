@@ -16,6 +16,7 @@ boot-time unit (``virt-dup recover``).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import libvirt
 
@@ -96,3 +97,52 @@ def _recover_domain(
                 f"(left-over overlay {disk.source})"
             )
     return done
+
+
+@dataclass(frozen=True)
+class PendingMerge:
+    """An overlay that recovery would merge back (what ``run --dry-run`` reports)."""
+
+    target: str
+    overlay: str
+    original_top: str
+    why: str
+
+    def line(self) -> str:
+        return f"disk {self.target}: recovery first merges {self.overlay} back into " + (
+            f"{self.original_top} ({self.why})"
+        )
+
+
+def pending_recovery(
+    hypervisor: Hypervisor, store: StateStore, domain: libvirt.virDomain
+) -> list[PendingMerge]:
+    """What :func:`recover_domain` would merge, found the same two ways, changing
+    nothing (no lock, no record written).  Raises :class:`VirtDupError` for an
+    overlay recovery could not merge either."""
+    pending: dict[str, PendingMerge] = {}
+    record = store.load_run(domain.UUIDString())
+    if record is not None:
+        for planned in record.disks:
+            pending[planned.target] = PendingMerge(
+                planned.target,
+                planned.overlay,
+                planned.original_top,
+                f"run of job {record.job_uuid} started {record.started} did not finish",
+            )
+    for inactive in (False, True):
+        for disk in hypervisor.disks(domain, inactive=inactive):
+            if disk.target in pending or disk.source is None:
+                continue
+            if is_virt_dup_overlay(disk.source) is None:
+                continue
+            chain = read_chain(disk.source)
+            if len(chain) < 2:
+                raise VirtDupError(
+                    f"domain {domain.name()}: disk {disk.target} runs on {disk.source}, a "
+                    "virt-dup overlay without a backing file; merge it by hand"
+                )
+            pending[disk.target] = PendingMerge(
+                disk.target, disk.source, chain[1].path, "left-over overlay"
+            )
+    return list(pending.values())

@@ -147,6 +147,24 @@ class StateStore:
         finally:
             os.close(descriptor)  # closing releases the flock
 
+    def lock_holder(self, domain_uuid: str) -> str | None:
+        """Who holds the domain's lock now: the holder's pid (``"unknown"`` when it
+        wrote none), or None when it is free.  Creates nothing and holds nothing
+        (a dry run asks this).  Raises :class:`OSError` for an unreadable lock."""
+        path = self.lock_directory / f"{domain_uuid}.lock"
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+            return None  # closing the descriptor releases the shared lock at once
+        finally:
+            os.close(descriptor)
+
     # -- status -----------------------------------------------------------------
     def status_path(self, job_uuid: str) -> Path:
         return self.directory / "status" / f"{job_uuid}.json"

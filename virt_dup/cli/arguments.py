@@ -54,28 +54,62 @@ def add_add_job(subparsers: Subparsers) -> ArgumentParser:
     add.add_argument("domain", metavar="DOMAIN", help="domain name or UUID").completer = (  # type: ignore[attr-defined]
         complete_domains
     )
-    add.add_argument(
+    add_disk_flags(add)
+    add.add_argument("--uuid", metavar="UUID", help="use this job uuid instead of a new random one")
+    add_option_flags(add)
+    return add
+
+
+def add_disk_flags(parser: ArgumentParser) -> None:
+    """``--path FILE``, ``--dev DEV``: the disks a job backs up (add-job, edit-job)."""
+    parser.add_argument(
         "--path",
         action="append",
         metavar="FILE",
         help="back up the disk whose source is FILE (repeatable)",
     )
-    add.add_argument(
+    parser.add_argument(
         "--dev",
         action="append",
         metavar="DEV",
         help="back up the disk with target DEV, e.g. vda (repeatable)",
     )
-    add.add_argument("--uuid", metavar="UUID", help="use this job uuid instead of a new random one")
+
+
+def add_option_flags(parser: ArgumentParser) -> None:
+    """One flag per job option of :data:`~virt_dup.config.options.OPTIONS`."""
     for option in OPTIONS:
-        add.add_argument(
+        parser.add_argument(
             option.command_line_flag,
             dest=option.name,
             metavar=option.metavar,
             action="append" if option.repeatable else "store",
             help=option.description + (" (repeatable)" if option.repeatable else ""),
         )
-    return add
+
+
+def add_edit_job(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup edit-job``."""
+    edit = subparsers.add_parser(
+        "edit-job",
+        help="change a job's options, keeping its uuid",
+        description="Change the job JOB_UUID in its domain's XML (live and persistent "
+        "definition). It keeps its uuid, and so its timer and its backup collection. "
+        "Options not named stay as they are; --unset OPTION makes the job inherit OPTION "
+        "from virt-dup.yml again. Nothing is written when anything is wrong.",
+    )
+    edit.add_argument("job", metavar="JOB_UUID").completer = complete_jobs  # type: ignore[attr-defined]
+    add_disk_flags(edit)
+    edit.add_argument(
+        "--unset",
+        action="append",
+        metavar="OPTION",
+        choices=[*(option.name for option in OPTIONS), "disks"],
+        help="inherit OPTION again (a job option name such as full_retention, or disks: "
+        "every qcow2 disk) (repeatable)",
+    )
+    add_option_flags(edit)
+    return edit
 
 
 def add_remove_job(subparsers: Subparsers) -> ArgumentParser:
@@ -108,7 +142,7 @@ def add_list_jobs(subparsers: Subparsers) -> ArgumentParser:
         description="List jobs with their effective options.",
     )
     listing.add_argument("domain", metavar="DOMAIN", nargs="?").completer = complete_domains  # type: ignore[attr-defined]
-    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_option(listing)
     return listing
 
 
@@ -125,6 +159,7 @@ def add_check_config(subparsers: Subparsers) -> ArgumentParser:
         action="store_true",
         help="only read and validate the file: no gpg, duplicity or backend is tried",
     )
+    add_json_option(check)
     return check
 
 
@@ -141,7 +176,7 @@ def add_doctor(subparsers: Subparsers) -> ArgumentParser:
             "finding, with the fix.  Exit status 0: no problem (warnings allowed); 1: problems."
         ),
     )
-    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_option(doctor)
     return doctor
 
 
@@ -223,7 +258,7 @@ def add_schedule(subparsers: Subparsers) -> ArgumentParser:
     explain.add_argument(
         "--count", type=int, default=5, metavar="N", help="how many next runs (default 5)"
     )
-    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_option(explain)
     return explain
 
 
@@ -265,6 +300,7 @@ def add_install_units(subparsers: Subparsers) -> ArgumentParser:
     install.add_argument(
         "--dry-run", action="store_true", help="print the files instead of writing them"
     )
+    add_json_option(install)
     return install
 
 
@@ -277,6 +313,7 @@ def add_sync_timers(subparsers: Subparsers) -> ArgumentParser:
         "timer of every job that has none running and stop the timers of removed jobs. "
         "virt-dup-reload.service runs this when virt-dup.yml or a domain definition changes.",
     )
+    add_json_option(sync)
     return sync
 
 
@@ -296,8 +333,10 @@ def add_run(subparsers: Subparsers) -> ArgumentParser:
         "--dry-run",
         action="store_true",
         help="print the plan (disks, chain files selected by depth, full or incremental, "
-        "backend) and change nothing",
+        "backend, what recovery would merge first) and change nothing: no lock, no "
+        "recovery, no record, nothing in the cache or on the backend",
     )
+    add_json_option(run)
     return run
 
 
@@ -332,7 +371,7 @@ def add_backups(subparsers: Subparsers) -> ArgumentParser:
         type=backend_url,
         help="read this backend (its job directories) only",
     )
-    backups.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_option(backups)
     return backups
 
 
@@ -389,6 +428,13 @@ def add_restore(subparsers: Subparsers) -> ArgumentParser:
         help="the base to put a chain on that was backed up without it (depth < 0); it must "
         "have the virtual size recorded in the backup (repeatable)",
     )
+    restore.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be restored where, and change nothing: no file, no lock, "
+        "no definition, nothing in the cache",
+    )
+    add_json_option(restore)
     return restore
 
 
@@ -415,6 +461,7 @@ def add_verify(subparsers: Subparsers) -> ArgumentParser:
         metavar="DIR",
         help="where the scratch directory goes (default: $TMPDIR or /var/tmp)",
     )
+    add_json_option(verify)
     return verify
 
 
@@ -435,16 +482,65 @@ def build_parser(verbs: Mapping[str, Verb]) -> tuple[ArgumentParser, Subparsers]
         epilog="See virt-dup(8) and virt-dup.yml(5).",
     )
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help="configuration file (default: $VIRT_DUP_CONFIG or /etc/virt-dup/virt-dup.yml)",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    add_global_options(parser, after_verb=False)
     subparsers = parser.add_subparsers(
         dest="command", metavar="COMMAND", parser_class=ArgumentParser
     )
 
     for add, handler in verbs.values():
-        add(subparsers).set_defaults(handler=handler)
+        verb = add(subparsers)
+        add_global_options(verb, after_verb=True)
+        verb.set_defaults(handler=handler)
     return parser, subparsers
+
+
+def add_global_options(parser: ArgumentParser, *, after_verb: bool) -> None:
+    """``--config``, ``--debug``, ``-q``, ``-v``: on the main parser (with their
+    defaults) and on every verb's, so that they may come before or after the
+    verb with the same meaning.
+
+    After the verb they default to nothing (``SUPPRESS``): a verb's parser
+    writes its namespace over the main parser's, and a default there would
+    undo ``virt-dup --config F run``.  Their help is one group, "global
+    options", at the end of each verb's help.
+    """
+    group = parser.add_argument_group("global options (before or after the command)")
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if after_verb else value
+
+    group.add_argument(
+        "--config",
+        metavar="FILE",
+        default=default(None),
+        help="configuration file (default: $VIRT_DUP_CONFIG or /etc/virt-dup/virt-dup.yml)",
+    )
+    group.add_argument(
+        "--debug",
+        action="store_true",
+        default=default(False),
+        help="debug messages, and the traceback of a failure",
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default(0),
+        help="more messages: the debug log (without tracebacks)",
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=default(0),
+        help="fewer messages: warnings and errors only; twice: errors only (no progress)",
+    )
+
+
+def add_json_option(parser: ArgumentParser) -> None:
+    """``--json``: the verb prints one JSON object (see JSON OUTPUT in virt-dup(8))."""
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead (schema virt-dup/<command>/1, see virt-dup(8))",
+    )

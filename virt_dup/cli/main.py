@@ -3,13 +3,13 @@
 
 Expected failures (:class:`~virt_dup.errors.VirtDupError`) become one line on
 stderr and an exit code (0 ok, 1 operation failed, 2 usage or configuration
-error); ``--debug`` adds the traceback.
+error, 3 no backups yet); ``--debug`` adds the traceback.  Under ``--json``
+a failure prints nothing on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -29,6 +29,7 @@ from virt_dup.config.load import Config, load_config
 from virt_dup.config.options import OPTIONS
 from virt_dup.errors import (
     EXIT_FAILED,
+    EXIT_NO_BACKUPS,
     EXIT_OK,
     EXIT_USAGE,
     NotFoundError,
@@ -85,14 +86,9 @@ def sync_after_job_change(context: Context) -> None:
 
 def cmd_add_job(context: Context) -> int:
     arguments = context.arguments
-    values: dict[str, object] = {}
-    for option in OPTIONS:
-        value = getattr(arguments, option.name)
-        if value is not None:
-            values[option.name] = value
     request = job_actions.AddJobRequest(
         domain=arguments.domain,
-        option_values=values,
+        option_values=requested_option_values(arguments),
         devs=tuple(arguments.dev or ()),
         paths=tuple(arguments.path or ()),
         job_uuid=arguments.uuid,
@@ -114,6 +110,31 @@ def cmd_add_job(context: Context) -> int:
             "defaults.schedule: it gets no timer (run it with 'virt-dup run')",
             file=sys.stderr,
         )
+    sync_after_job_change(context)
+    return EXIT_OK
+
+
+def requested_option_values(arguments: argparse.Namespace) -> dict[str, object]:
+    """The job option flags given (add-job, edit-job): option name -> text."""
+    return {
+        option.name: getattr(arguments, option.name)
+        for option in OPTIONS
+        if getattr(arguments, option.name) is not None
+    }
+
+
+def cmd_edit_job(context: Context) -> int:
+    arguments = context.arguments
+    request = job_actions.EditJobRequest(
+        job_uuid=arguments.job,
+        option_values=requested_option_values(arguments),
+        unset=tuple(arguments.unset or ()),
+        devs=tuple(arguments.dev or ()),
+        paths=tuple(arguments.path or ()),
+    )
+    before, after = job_actions.edit_job(context.config, context.hypervisor, request)
+    for line in job_actions.job_changes(before, after):
+        print(f"job {after.uuid} of domain {after.domain_name}: {line}")
     sync_after_job_change(context)
     return EXIT_OK
 
@@ -150,13 +171,16 @@ def cmd_list_jobs(context: Context) -> int:
 
 
 def cmd_check_config(context: Context) -> int:
-    from virt_dup.actions.check_config import check_config
+    from virt_dup.actions.check_config import check_config, config_report
 
     arguments = context.arguments
     connect = (lambda: context.hypervisor) if arguments.connect else None
     report = check_config(context.config, connect, syntax_only=arguments.syntax_only)
-    for line in report.lines:
-        print(line)
+    if arguments.json:
+        output.print_json("check-config", config_report(context.config, report))
+    else:
+        for line in report.lines:
+            print(line)
     for problem in report.problems:
         print(f"{PROGRAM}: error: {problem}", file=sys.stderr)
     return EXIT_OK if report.ok else EXIT_FAILED
@@ -170,13 +194,13 @@ def cmd_doctor(context: Context) -> int:
         config, lambda: context.hypervisor, lambda: ServiceManager.connect(config.scope)
     )
     if context.arguments.json:
-        document = {
-            "schema": "virt-dup/doctor/1",
-            "problems": sum(finding.severity == PROBLEM for finding in findings),
-            "findings": [finding.as_json() for finding in findings],
-        }
-        json.dump(document, sys.stdout, indent=2)
-        print()
+        output.print_json(
+            "doctor",
+            {
+                "problems": sum(finding.severity == PROBLEM for finding in findings),
+                "findings": [finding.as_json() for finding in findings],
+            },
+        )
     else:
         for finding in findings:
             print(finding.line())
@@ -190,8 +214,7 @@ def cmd_schedule_explain(context: Context) -> int:
         context.arguments.expression, context.arguments.count, datetime.now(UTC).astimezone()
     )
     if context.arguments.json:
-        json.dump(explanation.as_json(), sys.stdout, indent=2)
-        print()
+        output.print_json("schedule-explain", explanation.as_json())
     else:
         for line in explanation.lines():
             print(line)
@@ -207,14 +230,16 @@ def cmd_install_units(context: Context) -> int:
         generator_directory=arguments.generator_dir,
         root=arguments.root,
     )
-    unit_actions.install_units(
+    installed = unit_actions.install_units(
         context.config,
         settings,
         dry_run=arguments.dry_run,
         root=arguments.root,
-        say=print,
+        say=(lambda _line: None) if arguments.json else print,
         notice=lambda line: print(f"{PROGRAM}: notice: {line}", file=sys.stderr),
     )
+    if arguments.json:
+        output.print_json("install-units", installed.as_json())
     return EXIT_OK
 
 
@@ -227,6 +252,9 @@ def cmd_sync_timers(context: Context) -> int:
             lambda: unit_actions.watched_files_state(context.config),
             settle_seconds=1.0,
         )
+    if context.arguments.json:
+        output.print_json("sync-timers", report.as_json())
+        return EXIT_FAILED if report.not_active else EXIT_OK
     for line in report.lines():
         print(line)
     print(
@@ -237,7 +265,7 @@ def cmd_sync_timers(context: Context) -> int:
 
 
 def cmd_run(context: Context) -> int:
-    from virt_dup.actions.run import run_job
+    from virt_dup.actions.run import plan_job, run_job
 
     arguments = context.arguments
     if (arguments.job is None) == (arguments.domain is None):
@@ -250,18 +278,37 @@ def cmd_run(context: Context) -> int:
             raise NotFoundError(f"domain {domain.name()} has no virt-dup jobs")
     else:
         job_ids = [arguments.job]
-    progress = output.print_progress if sys.stderr.isatty() else None
+    if arguments.dry_run:
+        plans = [
+            plan_job(context.config, hypervisor, job_id, force_full=arguments.full)
+            for job_id in job_ids
+        ]
+        if arguments.json:
+            output.print_json("run-plan", {"plans": [plan.as_json() for plan in plans]})
+        else:
+            for plan in plans:
+                for line in plan.lines():
+                    print(line)
+        return EXIT_OK
+    results = []
     for job_id in job_ids:
-        result = run_job(
-            context.config,
-            hypervisor,
-            job_id,
-            force_full=arguments.full,
-            dry_run=arguments.dry_run,
-            progress=progress,
-        )
-        if result.result != "dry-run":
+        progress, end_progress = output.backup_progress()
+        try:
+            result = run_job(
+                context.config,
+                hypervisor,
+                job_id,
+                force_full=arguments.full,
+                report=output.progress_reporter() if arguments.json else print,
+                progress=progress,
+            )
+        finally:
+            end_progress()
+        results.append(result)
+        if not arguments.json:
             print(result.summary())
+    if arguments.json:
+        output.print_json("run", {"runs": [result.as_json() for result in results]})
     return EXIT_OK
 
 
@@ -291,11 +338,18 @@ def cmd_backups(context: Context) -> int:
         report=output.progress_reporter(),
     )
     output.print_backups(listings, arguments.json)
+    if not any(listing.backups for listing in listings):
+        return EXIT_NO_BACKUPS
     return EXIT_OK
 
 
 def cmd_restore(context: Context) -> int:
-    from virt_dup.actions.restore import RestoreRequest, format_notices, restore
+    from virt_dup.actions.restore import (
+        RestoreRequest,
+        format_notices,
+        plan_restore_request,
+        restore,
+    )
 
     arguments = context.arguments
     request = RestoreRequest(
@@ -312,10 +366,21 @@ def cmd_restore(context: Context) -> int:
         backing_files=tuple(arguments.backing_file or ()),
     )
     report = output.progress_reporter()
+    if arguments.dry_run:
+        planned = plan_restore_request(context.config, lambda: context.hypervisor, request, report)
+        if arguments.json:
+            output.print_json("restore-plan", planned.as_json())
+        else:
+            for line in planned.lines():
+                print(line)
+        return EXIT_OK
     result = restore(context.config, lambda: context.hypervisor, request, report)
     for line in format_notices(result):
         print(f"{PROGRAM}: notice: {line}", file=sys.stderr)
-    print(result.summary())
+    if arguments.json:
+        output.print_json("restore", result.as_json())
+    else:
+        print(result.summary())
     if result.defined:
         sync_after_job_change(context)
     return EXIT_OK
@@ -336,7 +401,10 @@ def cmd_verify(context: Context) -> int:
     )
     for warning in result.warnings:
         print(f"{PROGRAM}: warning: {warning}", file=sys.stderr)
-    print(result.summary())
+    if arguments.json:
+        output.print_json("verify", result.as_json())
+    else:
+        print(result.summary())
     return EXIT_OK
 
 
@@ -356,6 +424,7 @@ def cmd_help(context: Context) -> int:
 #: Every verb: how its arguments are declared, and what runs it.
 VERBS: dict[str, cli_arguments.Verb] = {
     "add-job": (cli_arguments.add_add_job, cmd_add_job),
+    "edit-job": (cli_arguments.add_edit_job, cmd_edit_job),
     "remove-job": (cli_arguments.add_remove_job, cmd_remove_job),
     "remove-all-jobs": (cli_arguments.add_remove_all_jobs, cmd_remove_all_jobs),
     "list-jobs": (cli_arguments.add_list_jobs, cmd_list_jobs),
@@ -375,14 +444,24 @@ VERBS: dict[str, cli_arguments.Verb] = {
 }
 
 
+def log_level(arguments: argparse.Namespace) -> int:
+    """The logging level the global options ask for: INFO, one step down per
+    ``-v`` (DEBUG), up per ``-q`` (WARNING, ERROR); ``--debug`` is DEBUG."""
+    if arguments.debug:
+        return logging.DEBUG
+    steps: int = arguments.quiet - arguments.verbose
+    return min(max(logging.INFO + 10 * steps, logging.DEBUG), logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None, hypervisor: Hypervisor | None = None) -> int:
     """Run virt-dup; returns the exit code.  ``hypervisor`` may be injected."""
     parser, subparsers = cli_arguments.build_parser(VERBS)
     argcomplete.autocomplete(parser)
+    # Before parsing (a usage error is shown with --debug's traceback too);
+    # the parsed options then set the level.
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO, format=f"{PROGRAM}: %(message)s"
-    )
+    logging.basicConfig(format=f"{PROGRAM}: %(message)s")
+    logging.getLogger().setLevel(logging.DEBUG if debug else logging.INFO)
     # What virt-dup and its children (duplicity's cache, gpg, qemu-img) create
     # is root's alone, as under the units' UMask=0077; modes that others need
     # (units, restored image directories) are set explicitly.
@@ -402,6 +481,8 @@ def _main(
 ) -> int:
     try:
         arguments = parser.parse_args(argv)
+        debug = arguments.debug
+        logging.getLogger().setLevel(log_level(arguments))
         if arguments.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE

@@ -9,16 +9,33 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 from virt_dup.actions.backups import JobListing
 from virt_dup.backup.manifest import ManifestDisk
 from virt_dup.cli.arguments import PROGRAM
+from virt_dup.duplicity.protocol import BackupProgress
 from virt_dup.errors import UsageError
-from virt_dup.files import format_size
+from virt_dup.files import human_size
 
 log = logging.getLogger("virt_dup")
+
+#: The version of every ``--json`` document's schema; a change that is not
+#: only an added field raises it.
+JSON_VERSION = 1
+
+
+def json_schema(verb: str) -> str:
+    """``virt-dup/<verb>/<version>``: the ``schema`` member of a ``--json`` document."""
+    return f"{PROGRAM}/{verb}/{JSON_VERSION}"
+
+
+def print_json(verb: str, document: Mapping[str, Any], out: TextIO | None = None) -> None:
+    """One JSON object on stdout: ``{"schema": "virt-dup/<verb>/1", ...document}``."""
+    out = out if out is not None else sys.stdout
+    json.dump({"schema": json_schema(verb), **document}, out, indent=2)
+    out.write("\n")
 
 
 def format_table(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -32,6 +49,11 @@ def format_table(rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def format_size(size: int | None) -> str:
+    """``8.50GB`` (:func:`~virt_dup.files.human_size`); ``-`` when unknown."""
+    return "-" if size is None else human_size(size)
+
+
 def _last_run(last_run: dict[str, Any] | None) -> str:
     if not last_run:
         return "never"
@@ -39,10 +61,10 @@ def _last_run(last_run: dict[str, Any] | None) -> str:
     return f"{last_run.get('result', '?')} {when}".strip()
 
 
-def print_jobs(records: list[dict[str, Any]], as_json: bool, out: TextIO = sys.stdout) -> None:
+def print_jobs(records: list[dict[str, Any]], as_json: bool, out: TextIO | None = None) -> None:
+    out = out if out is not None else sys.stdout
     if as_json:
-        json.dump(records, out, indent=2)
-        out.write("\n")
+        print_json("list-jobs", {"jobs": records}, out)
         return
     if not records:
         out.write("no jobs\n")
@@ -75,10 +97,10 @@ def _disk_summary(disk: ManifestDisk) -> str:
     return f"{disk.target} ({count} file{'' if count == 1 else 's'})"
 
 
-def print_backups(listings: Sequence[JobListing], as_json: bool, out: TextIO = sys.stdout) -> None:
+def print_backups(listings: Sequence[JobListing], as_json: bool, out: TextIO | None = None) -> None:
+    out = out if out is not None else sys.stdout
     if as_json:
-        json.dump([listing.as_json() for listing in listings], out, indent=2)
-        out.write("\n")
+        print_json("backups", {"jobs": [listing.as_json() for listing in listings]}, out)
         return
     for number, listing in enumerate(listings):
         if number:
@@ -111,14 +133,64 @@ def print_backups(listings: Sequence[JobListing], as_json: bool, out: TextIO = s
             out.write(f"  {line}\n")
 
 
-def print_progress(progress: object) -> None:
-    """A backup's progress, rewritten in place on stderr."""
-    print(f"\r{PROGRAM}: {progress}", end="", file=sys.stderr, flush=True)
+def showing_progress() -> bool:
+    """Progress is for a person: stderr is a terminal and -q was not given."""
+    return sys.stderr.isatty() and log.isEnabledFor(logging.INFO)
+
+
+class ProgressBar:
+    """A byte count's progress on stderr (tqdm: total, percent, rate, ETA), for
+    a terminal only; :meth:`close` ends it (its line stays) before the summary.
+
+    ``total``: the bytes expected (None: unknown, tqdm then shows no percent).
+    """
+
+    def __init__(self, description: str, total: int | None) -> None:
+        from tqdm import tqdm  # only on a terminal: importing it costs ~0.1 s
+
+        self._bar = tqdm(
+            total=total,
+            desc=f"{PROGRAM}: {description}",
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1000,
+            file=sys.stderr,
+            leave=True,
+            dynamic_ncols=True,
+            disable=not showing_progress(),
+        )
+
+    def to(self, done: int) -> None:
+        """``done`` bytes so far (never goes back)."""
+        if done > self._bar.n:
+            self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def backup_progress() -> tuple[Callable[[BackupProgress], None] | None, Callable[[], None]]:
+    """(the progress callback of one backup, what ends its bar); no callback when
+    no one watches."""
+    if not showing_progress():
+        return None, lambda: None
+    bar: list[ProgressBar] = []
+
+    def on_progress(progress: BackupProgress) -> None:
+        if not bar:
+            bar.append(ProgressBar("backup", progress.total_bytes))
+        bar[0].to(progress.bytes_read)
+
+    def close() -> None:
+        for each in bar:
+            each.close()
+
+    return on_progress, close
 
 
 def progress_reporter() -> Callable[[str], None]:
-    """Progress lines on a terminal (stderr); debug log lines otherwise."""
-    if sys.stderr.isatty():
+    """Progress lines on a terminal (stderr) unless -q; debug log lines otherwise."""
+    if showing_progress():
         return lambda line: print(f"{PROGRAM}: {line}", file=sys.stderr, flush=True)
     return lambda line: log.debug("%s", line)
 

@@ -100,11 +100,13 @@ def parse_log(text: str) -> list[LogRecord]:
 
 @dataclass(frozen=True)
 class BackupProgress:
-    """A backup's progress: ``bytes_read`` so far (of the files being backed
-    up; the caller knows their total), after ``volume`` was written."""
+    """A backup's progress: ``bytes_read`` so far of the files being backed
+    up, after ``volume`` was written; ``total_bytes``: their size, when the
+    caller added it (duplicity does not say)."""
 
     bytes_read: int
     volume: int | None
+    total_bytes: int | None = None
 
     def __str__(self) -> str:
         where = f" (volume {self.volume} written)" if self.volume is not None else ""

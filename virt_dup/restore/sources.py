@@ -58,6 +58,7 @@ from virt_dup.duplicity.runner import Duplicity, restore_path_missing, signature
 from virt_dup.duplicity.target import Target, environment, job_backend_url, job_target
 from virt_dup.duplicity.target import secrets as target_secrets
 from virt_dup.errors import (
+    EXIT_NO_BACKUPS,
     CommandError,
     ConfigError,
     LibvirtError,
@@ -74,6 +75,12 @@ log = logging.getLogger(__name__)
 
 class BackupNotFound(NotFoundError):
     """No such job, backup or metadata on the backend."""
+
+
+class NoBackups(BackupNotFound):
+    """What was asked for has no backup at all (yet): exit code 3, not 2."""
+
+    exit_code = EXIT_NO_BACKUPS
 
 
 class SignatureNotVerified(VirtDupError):
@@ -369,7 +376,7 @@ def choose_backup(status: Collection, backup_id: str | None) -> BackupSet:
     """
     sets = status.backup_sets
     if not sets:
-        raise BackupNotFound("no backups yet")
+        raise NoBackups("no backups yet")
     if backup_id is None or backup_id == "latest":
         return max(sets, key=lambda backup_set: backup_set.time)
     for backup_set in sets:
@@ -593,7 +600,7 @@ def find_sources(
         found = [(source, metadata) for source, metadata in found if source.job_uuid == wanted_job]
     if not found:
         what = f"job {job_uuid} of " if job_uuid else ""
-        raise BackupNotFound(f"no backups of {what}{domain_or_job or 'any job'} on {where}")
+        raise NoBackups(f"no backups of {what}{domain_or_job or 'any job'} on {where}")
     return found
 
 

@@ -43,7 +43,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from virt_dup.backup.manifest import ManifestFile
-from virt_dup.files import interruptible, sha256_file
+from virt_dup.files import human_size, interruptible, sha256_file
 from virt_dup.images.qemu_img import chain_of, check_image, dig_holes, image_info, rebase_unsafe
 from virt_dup.restore.plan import ChecksumMismatch, RestoreError, RestorePlan
 from virt_dup.restore.sources import BackupSource
@@ -315,7 +315,8 @@ class RestoreResult(journal.Outcome):
         line = (
             f"restored backup {self.backup_id} of domain {self.domain} (job {self.job_uuid}): "
             f"{', '.join(self.disks)}, {len(self.files)} file(s), "
-            f"{self.bytes / 2**20:.1f} MiB ({self.allocated / 2**20:.1f} MiB allocated) in "
+            f"{human_size(self.bytes)} "
+            f"({human_size(self.allocated)} allocated) in "
             f"{self.duration_seconds:.1f} s"
         )
         if self.defined:

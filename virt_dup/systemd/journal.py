@@ -151,6 +151,11 @@ class Outcome:
             **fields,  # type: ignore[arg-type]
         )
 
+    def as_json(self) -> dict[str, Any]:
+        """The outcome as ``--json`` prints it: the status fields, the action and
+        the summary line."""
+        return {"action": self.ACTION, **self.as_status(), "summary": self.summary()}
+
     def as_status(self) -> dict[str, Any]:
         """The outcome as a job's status file keeps it."""
         return {name: value for name, value in asdict(self).items() if not name.startswith("_")}

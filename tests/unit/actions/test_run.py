@@ -32,7 +32,7 @@ def test_a_full_backup_success_line() -> None:
     result.duration_seconds = 12.34
     assert result.summary() == (
         f"job {JOB} of domain vm01: full backup of vda, vdb done in 12.3 s, "
-        "10485760 bytes read, 2097152 bytes uploaded"
+        "10.5MB read, 2.10MB uploaded"
     )
 
 
@@ -41,8 +41,7 @@ def test_an_incremental_backup_success_line() -> None:
     result.result = "success"
     result.duration_seconds = 0.04
     assert result.summary() == (
-        f"job {JOB} of domain vm01: incremental backup of sda done in 0.0 s, "
-        "5 bytes read, 0 bytes uploaded"
+        f"job {JOB} of domain vm01: incremental backup of sda done in 0.0 s, 5B read, 0B uploaded"
     )
 
 

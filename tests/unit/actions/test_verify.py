@@ -36,7 +36,7 @@ def test_verify_success_line() -> None:
     result.result = "success"
     result.duration_seconds = 4.26
     assert result.summary() == (
-        f"verified backup 20261126T120000Z of job {JOB} (domain vm01): 3 file(s), 3.0 MiB, "
+        f"verified backup 20261126T120000Z of job {JOB} (domain vm01): 3 file(s), 3.15MB, "
         "checksums equal, qemu-img check clean, in 4.3 s"
     )
 

@@ -26,6 +26,7 @@ JOB = "0e1f2a3b-1111-4222-8333-444455556666"
 #: The fewest arguments each verb takes.
 MINIMAL = {
     "add-job": ["vm01"],
+    "edit-job": [JOB, "--depth", "1"],
     "remove-job": [JOB],
     "remove-all-jobs": [],
     "list-jobs": [],

@@ -10,11 +10,11 @@ import pytest
 
 from virt_dup.actions.restore import RestoreRequest, decide_definition
 from virt_dup.backup.manifest import ManifestDisk, ManifestFile, parse_manifest
+from virt_dup.cli.output import format_size
 from virt_dup.duplicity.collection import BackupSet, Chain, Collection
 from virt_dup.duplicity.protocol import ListedFile
 from virt_dup.duplicity.times import parse_time
 from virt_dup.errors import NotFoundError, UsageError, VirtDupError
-from virt_dup.files import format_size
 from virt_dup.restore.plan import (
     RestoreError,
     backing_reference,
@@ -140,9 +140,9 @@ def test_the_metadata_folder_is_found_wherever_the_state_dir_was() -> None:
 def test_sizes_read_well() -> None:
     assert [format_size(size) for size in (None, 512, 452710, 5 << 30)] == [
         "-",
-        "512 B",
-        "442.1 KiB",
-        "5.0 GiB",
+        "512B",
+        "453kB",
+        "5.37GB",
     ]
 
 

@@ -358,7 +358,7 @@ def test_restore_success_line() -> None:
     result.duration_seconds = 7.25
     assert result.summary() == (
         f"restored backup 20261126T120000Z of domain vm01 (job {JOB}): vda, vdb, 3 file(s), "
-        "3.0 MiB (0.5 MiB allocated) in 7.2 s"
+        "3.15MB (524kB allocated) in 7.2 s"
     )
 
 
