@@ -12,6 +12,8 @@ from virt_dup.actions import keys as key_actions
 from virt_dup.cli.arguments import PROGRAM
 from virt_dup.config.load import Config, config_path
 from virt_dup.errors import EXIT_OK, UsageError
+from virt_dup.files import file_errors_reported
+from virt_dup.systemd.units import create_own_directories
 
 if TYPE_CHECKING:
     from virt_dup.cli.main import Context
@@ -52,9 +54,13 @@ def cmd_init(context: Context) -> int:
         force=arguments.force,
     )
     ask = ask_passphrase if sys.stdin.isatty() else None
-    result = key_actions.init(_config(context), request, ask)
+    config = _config(context)
+    result = key_actions.init(config, request, ask)
     for line in result.lines():
         print(line)
+    with file_errors_reported():
+        for directory in create_own_directories(config):
+            print(f"created {directory}")
     if result.created:
         print(
             EXPORT_WARNING.format(program=PROGRAM, passphrase_file=result.passphrase_file),

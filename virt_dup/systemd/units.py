@@ -320,6 +320,18 @@ def own_directories(config: Config) -> tuple[Path, ...]:
     )
 
 
+def create_own_directories(config: Config) -> list[Path]:
+    """Create (mode 0700) the :func:`own_directories` that are missing; returns them.
+
+    ``init`` does it as ``install-units`` does: virt-dup.yml edited after the
+    install names directories a sandboxed run could not create.
+    Raises OSError."""
+    missing = [directory for directory in own_directories(config) if not directory.exists()]
+    for directory in missing:
+        make_directories(directory, 0o700)
+    return missing
+
+
 @dataclass
 class Installation:
     """Files (absolute path -> text, mode) and symlinks (path -> target) to write."""

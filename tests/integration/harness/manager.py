@@ -187,6 +187,44 @@ class UserManager:
             )
         return result
 
+    @contextlib.contextmanager
+    def journald(self) -> Iterator[None]:
+        """A systemd-journald of this namespace's own while the block runs.
+
+        Its journal is volatile, on a tmpfs over ``/run/log`` inside the
+        namespace (the host's /run/log is untouched); its sockets are in the
+        namespace's own /run/systemd.  Services log there and ``journalctl``
+        reads it.  systemd does not see the harness cgroup as a user
+        manager's, so entries carry ``_SYSTEMD_CGROUP=`` (ending in the
+        unit's name) but no ``_SYSTEMD_USER_UNIT=``.  Stopped by its pid
+        afterwards.
+        """
+        self.run(["mkdir", "-p", "/run/log"], as_root=True)
+        self.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run/log"], as_root=True)
+        daemon = subprocess.Popen(
+            ["nsenter", f"--target={self.pid}", "--mount", "--", "/lib/systemd/systemd-journald"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            self.wait_for(
+                "systemd-journald listening",
+                lambda: (
+                    self.run(["test", "-S", "/run/systemd/journal/socket"], check=False).returncode
+                    == 0
+                ),
+                timeout=10,
+            )
+            yield
+        finally:
+            daemon.terminate()
+            try:
+                daemon.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait(timeout=STOP_TIMEOUT)
+            self.run(["umount", "/run/log"], as_root=True, check=False)
+
     def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``systemctl --user ARGS`` against this manager."""
         return self.run(["systemctl", "--user", "--no-pager", *args], check=check)
