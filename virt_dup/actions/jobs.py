@@ -18,7 +18,7 @@ from virt_dup.backup.state import StateStore
 from virt_dup.config.load import PLACEHOLDER_KEY, Config, check_policy
 from virt_dup.config.options import OPTIONS_BY_NAME, JobOptions
 from virt_dup.duplicity.gpg import Keyring
-from virt_dup.errors import ConfigError, UsageError, VirtDupError
+from virt_dup.errors import ConfigError, LibvirtError, UsageError, VirtDupError
 from virt_dup.libvirt.connection import Hypervisor
 from virt_dup.libvirt.domain_xml import select_disks
 from virt_dup.libvirt.metadata import DiskSelector, Job, duplicate_job_message, is_valid_uuid
@@ -252,8 +252,9 @@ def remove_all_jobs(
 
 
 # -- list-jobs ----------------------------------------------------------------
-def job_record(job: Job, config: Config, domain: libvirt.virDomain | None = None) -> dict[str, Any]:
-    """A job with its effective options (defaults applied) and its last results."""
+def job_record(job: Job, config: Config, domain_state: str | None = None) -> dict[str, Any]:
+    """A job with its effective options (defaults applied) and its last results;
+    ``domain_state``: "running" or "shut off", when known."""
     effective = job.options.over(config.defaults)
     status = StateStore.of(config).load_status(job.uuid)
     record: dict[str, Any] = {
@@ -269,9 +270,15 @@ def job_record(job: Job, config: Config, domain: libvirt.virDomain | None = None
         "last_success": status.get("last_success"),
         "last_error": status.get("last_error"),
     }
-    if domain is not None:
-        record["domain_state"] = "running" if domain.isActive() else "shut off"
+    if domain_state is not None:
+        record["domain_state"] = domain_state
     return record
+
+
+def domain_state(hypervisor: Hypervisor, domain: libvirt.virDomain) -> str:
+    """"running" or "shut off".  Raises :class:`LibvirtError`."""
+    active = hypervisor.call(f"cannot ask the state of domain {domain.name()}", domain.isActive)
+    return "running" if active else "shut off"
 
 
 def _jsonable(value: object) -> object:
@@ -286,13 +293,20 @@ def list_jobs(
     warnings: list[str] = []
     if domain_name is not None:
         domain = hypervisor.domain(domain_name)
-        return [job_record(job, config, domain) for job in hypervisor.jobs(domain)], []
+        state = domain_state(hypervisor, domain)
+        return [job_record(job, config, state) for job in hypervisor.jobs(domain)], []
     holders: dict[str, list[str]] = {}
     for domain, jobs in hypervisor.all_jobs():
         if isinstance(jobs, ConfigError):
             warnings.append(f"skipped: {jobs}")
             continue
-        records.extend(job_record(job, config, domain) for job in jobs)
+        try:
+            state = domain_state(hypervisor, domain)
+        except LibvirtError:
+            if hypervisor.find_domain(domain.UUIDString()) is None:
+                continue  # undefined since it was listed: it has no jobs any more
+            raise
+        records.extend(job_record(job, config, state) for job in jobs)
         for job in jobs:
             holders.setdefault(job.uuid, []).append(job.domain_name)
     warnings += [
