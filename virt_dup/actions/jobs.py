@@ -276,7 +276,7 @@ def job_record(job: Job, config: Config, domain_state: str | None = None) -> dic
 
 
 def domain_state(hypervisor: Hypervisor, domain: libvirt.virDomain) -> str:
-    """"running" or "shut off".  Raises :class:`LibvirtError`."""
+    """ "running" or "shut off".  Raises :class:`LibvirtError`."""
     active = hypervisor.call(f"cannot ask the state of domain {domain.name()}", domain.isActive)
     return "running" if active else "shut off"
 

@@ -310,17 +310,18 @@ class Hypervisor:
         No jobs removes the element.  Only virt-dup's namespace is touched.
         Raises :class:`LibvirtError` for a transient domain.
         """
-        if not domain.isPersistent():
+        what = f"cannot write virt-dup metadata of domain {domain.name()}"
+        if not self.call(what, domain.isPersistent):
             raise LibvirtError(
                 f"domain {domain.name()} is transient: jobs must live in a persistent "
                 "definition (virsh define)"
             )
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
-        if domain.isActive():
+        if self.call(what, domain.isActive):
             flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
         text = render_instance(jobs) if jobs else None
         self.call(
-            f"cannot write virt-dup metadata of domain {domain.name()}",
+            what,
             domain.setMetadata,
             libvirt.VIR_DOMAIN_METADATA_ELEMENT,
             text,
