@@ -25,18 +25,15 @@ cannot grow a command no test runs.
 from __future__ import annotations
 
 import json
-import os
-import pty
 import re
-import select
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from harness.domains import DomainFactory
 from harness.install import VIRT_DUP, Installation
 from harness.manager import UserManager, user_manager  # noqa: F401 - fixture
+from harness.terminal import on_terminal
 from ruamel.yaml import YAML
 
 pytestmark = pytest.mark.integration
@@ -52,40 +49,6 @@ def quick_start_lines() -> list[str]:
     section = text[text.index("## Quick start") :]
     block = section[section.index("```sh\n") + len("```sh\n") : section.index("```\n", 6)]
     return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
-
-
-def on_terminal(manager: UserManager, argv: list[str], env: dict[str, str], answers: list[str]):
-    """Run ``argv`` in the namespace on a pseudo-terminal, typing each answer
-    after the next prompt that ends in ': '; returns (exit status, output)."""
-    controller, terminal = pty.openpty()
-    process = subprocess.Popen(
-        ["nsenter", f"--target={manager.pid}", "--mount", "--", *argv],
-        stdin=terminal,
-        stdout=terminal,
-        stderr=terminal,
-        env={**manager.env, **env},
-        start_new_session=True,
-    )
-    os.close(terminal)
-    output = b""
-    pending = list(answers)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([controller], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(controller, 4096)
-            except OSError:  # the terminal closed: the program ended
-                break
-            if not chunk:
-                break
-            output += chunk
-            if pending and output.rstrip(b" ").endswith(b":"):
-                os.write(controller, pending.pop(0).encode() + b"\n")
-        elif process.poll() is not None:
-            break
-    os.close(controller)
-    return process.wait(timeout=60), output.decode(errors="replace")
 
 
 def test_the_readme_quick_start_works_on_the_installed_layout(
@@ -144,7 +107,16 @@ def test_the_readme_quick_start_works_on_the_installed_layout(
                     yaml.dump(document, stream)
             elif argv[:2] == ["virt-dup", "init"]:
                 status, output = on_terminal(
-                    manager, [str(VIRT_DUP), *argv[1:]], environment, [PASSPHRASE, PASSPHRASE]
+                    [
+                        "nsenter",
+                        f"--target={manager.pid}",
+                        "--mount",
+                        "--",
+                        str(VIRT_DUP),
+                        *argv[1:],
+                    ],
+                    {**manager.env, **environment},
+                    [PASSPHRASE, PASSPHRASE],
                 )
                 assert status == 0, output
                 assert "export-key" in output  # told, once, to get the key off the host

@@ -64,6 +64,7 @@ from virt_dup.restore.sources import (
     one_source,
 )
 from virt_dup.restore.workspace import (
+    Progress,
     RestoreResult,
     Workspace,
     check_bases,
@@ -162,8 +163,10 @@ def restore(
     hypervisor: Callable[[], Hypervisor],
     request: RestoreRequest,
     report: Callable[[str], None] = lambda _line: None,
+    progress: Progress | None = None,
 ) -> RestoreResult:
     """Carry out ``request``; returns the result (recorded in the journal too).
+    ``progress``: see :func:`~virt_dup.restore.workspace.fetch_and_check`.
 
     Raises :class:`VirtDupError` subclasses; on failure the host is left as
     it was (the failure is recorded in the journal as well).
@@ -172,7 +175,9 @@ def restore(
     source, backup_id, metadata = _find_backup(config, hypervisor, request, report)
     result = RestoreResult(source.job_uuid, metadata.manifest.domain_name, backup_id=backup_id)
     with journal.recorded(result):
-        _Restore(config, hypervisor, request, source, backup_id, metadata, result, report).run()
+        _Restore(
+            config, hypervisor, request, source, backup_id, metadata, result, report, progress
+        ).run()
     return result
 
 
@@ -295,6 +300,7 @@ class _Restore:
     metadata: BackupMetadata
     result: RestoreResult
     report: Callable[[str], None]
+    progress: Progress | None = None
 
     def run(self) -> None:
         """Plan everything (steps 1), then carry it out, all or nothing."""
@@ -384,7 +390,12 @@ class _Restore:
         workspace = Workspace()
         with rolled_back_on_failure(workspace):
             restored = fetch_and_check(
-                self.source, self.backup_id, plan, workspace, report=self.report
+                self.source,
+                self.backup_id,
+                plan,
+                workspace,
+                report=self.report,
+                progress=self.progress,
             )
             result.notices.extend(restored.warnings)
             self.report("checksums and qemu-img check: ok; moving the files into place")

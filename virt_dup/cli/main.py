@@ -374,7 +374,13 @@ def cmd_restore(context: Context) -> int:
             for line in planned.lines():
                 print(line)
         return EXIT_OK
-    result = restore(context.config, lambda: context.hypervisor, request, report)
+    progress, progress_lines, end_progress = output.restore_progress()
+    try:
+        result = restore(
+            context.config, lambda: context.hypervisor, request, progress_lines, progress
+        )
+    finally:
+        end_progress()
     for line in format_notices(result):
         print(f"{PROGRAM}: notice: {line}", file=sys.stderr)
     if arguments.json:

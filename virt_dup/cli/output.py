@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
@@ -138,6 +139,13 @@ def showing_progress() -> bool:
     return sys.stderr.isatty() and log.isEnabledFor(logging.INFO)
 
 
+def _terminal_columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return 0
+
+
 class ProgressBar:
     """A byte count's progress on stderr (tqdm: total, percent, rate, ETA), for
     a terminal only; :meth:`close` ends it (its line stays) before the summary.
@@ -148,6 +156,9 @@ class ProgressBar:
     def __init__(self, description: str, total: int | None) -> None:
         from tqdm import tqdm  # only on a terminal: importing it costs ~0.1 s
 
+        # A terminal that says it is 0x0 (a bare pty, some serial consoles):
+        # tqdm would draw nothing at all there; 80x24 then.
+        sized = _terminal_columns() > 0
         self._bar = tqdm(
             total=total,
             desc=f"{PROGRAM}: {description}",
@@ -156,7 +167,9 @@ class ProgressBar:
             unit_divisor=1000,
             file=sys.stderr,
             leave=True,
-            dynamic_ncols=True,
+            dynamic_ncols=sized,
+            ncols=None if sized else 80,
+            nrows=None if sized else 24,
             disable=not showing_progress(),
         )
 
@@ -164,6 +177,10 @@ class ProgressBar:
         """``done`` bytes so far (never goes back)."""
         if done > self._bar.n:
             self._bar.update(done - self._bar.n)
+
+    def write(self, line: str) -> None:
+        """A line above the bar (the bar stays whole)."""
+        self._bar.write(line, file=sys.stderr)
 
     def close(self) -> None:
         self._bar.close()
@@ -186,6 +203,34 @@ def backup_progress() -> tuple[Callable[[BackupProgress], None] | None, Callable
             each.close()
 
     return on_progress, close
+
+
+def restore_progress() -> tuple[
+    Callable[[int, int | None], None] | None, Callable[[str], None], Callable[[], None]
+]:
+    """(the progress callback of one restore, its progress lines, what ends its
+    bar): a bar of the bytes restored on a terminal, the lines above it."""
+    report = progress_reporter()
+    if not showing_progress():
+        return None, report, lambda: None
+    bar: list[ProgressBar] = []
+
+    def on_progress(done: int, total: int | None) -> None:
+        if not bar:
+            bar.append(ProgressBar("restore", total))
+        bar[0].to(done)
+
+    def say(line: str) -> None:
+        if bar:
+            bar[0].write(f"{PROGRAM}: {line}")
+        else:
+            report(line)
+
+    def close() -> None:
+        for each in bar:
+            each.close()
+
+    return on_progress, say, close
 
 
 def progress_reporter() -> Callable[[str], None]:

@@ -42,6 +42,8 @@ class FilePlan:
     backing_format: str | None
     original_backing: str | None  # as it was backed up
     original_backing_format: str | None
+    #: Bytes the backup recorded the file to hold (qemu-img's actual size), if it did.
+    size: int | None = None
 
     @property
     def rebase(self) -> bool:
@@ -252,6 +254,7 @@ def plan_restore(
                     backing_format=backing_format if backing else None,
                     original_backing=entry.backing_file,
                     original_backing_format=entry.backing_format,
+                    size=entry.actual_size,
                 )
             )
         planned.append(DiskRestorePlan(disk.target, tuple(entries), base_plan))

@@ -38,6 +38,7 @@ import os
 import secrets
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -140,8 +141,12 @@ def fetch_and_check(
     *,
     rewrite: bool = True,
     report: Callable[[str], None] = lambda _line: None,
+    progress: Progress | None = None,
 ) -> FilesRestored:
     """Steps 2-5: restore every file of ``plan`` to a staged name and check it.
+
+    ``progress(done, total)``: bytes restored so far, of the sizes the backup
+    recorded (``total`` None when it recorded none), about twice a second.
 
     ``rewrite=False`` (verify) leaves headers and allocation as restored.
     Raises :class:`ChecksumMismatch`, :class:`RestoreError` or
@@ -149,11 +154,14 @@ def fetch_and_check(
     """
     result = FilesRestored()
     files = plan.files
+    sizes = [entry.size for entry in files]
+    total = None if None in sizes else sum(size or 0 for size in sizes)
     for number, entry in enumerate(files, start=1):
         workspace.make_directory(os.path.dirname(entry.destination))
         staged = workspace.stage_path(entry.destination)
         report(f"[{number}/{len(files)}] restoring {entry.original}")
-        source.restore(staged, time=backup_id, path_to_restore=entry.stored)
+        with _watched(staged, result.bytes, total, progress):
+            source.restore(staged, time=backup_id, path_to_restore=entry.stored)
         check_regular_file(staged, entry.original)
         digest = sha256_file(staged)
         if digest != entry.sha256:
@@ -171,6 +179,42 @@ def fetch_and_check(
             result.warnings.append(warning)
         result.staged[entry.original] = staged
     return result
+
+
+#: ``progress(done, total)``: bytes restored so far, of ``total`` (None: unknown).
+Progress = Callable[[int, int | None], None]
+#: How often a restore's progress is sampled (the staged file's size).
+PROGRESS_INTERVAL_S = 0.5
+
+
+@contextmanager
+def _watched(
+    staged: str, before: int, total: int | None, progress: Progress | None
+) -> Iterator[None]:
+    """While duplicity writes ``staged``, report ``before`` + its size to ``progress``
+    (never beyond ``total``: a file written whole may be larger than it was allocated)."""
+    if progress is None:
+        yield
+        return
+    done = threading.Event()
+
+    def report() -> None:
+        with suppress(OSError):
+            written = before + os.stat(staged).st_size
+            progress(written if total is None else min(written, total), total)
+
+    def sample() -> None:
+        while not done.wait(PROGRESS_INTERVAL_S):
+            report()
+
+    thread = threading.Thread(target=sample, name="restore progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        report()
 
 
 def check_regular_file(staged: str, original: str) -> None:
