@@ -180,12 +180,15 @@ class StateStore:
         """Merge one run's result into the job's status file; returns the new status.
 
         ``result`` has ``finished`` (ISO time) and ``result`` (success, failed,
-        skipped); a success also sets ``last_success``, a failure ``last_error``.
+        skipped); a success also sets ``last_success`` (and ``last_full`` for a
+        full backup), a failure ``last_error``.
         """
         status = self.load_status(job_uuid)
         status["last_run"] = result
         if result.get("result") == "success":
             status["last_success"] = result
+            if result.get("full") is True:
+                status["last_full"] = result
         elif result.get("result") == "failed":
             status["last_error"] = result
         write_atomically(self.status_path(job_uuid), json.dumps(status, indent=2), mode=0o644)

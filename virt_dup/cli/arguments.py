@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from virt_dup import __version__
-from virt_dup.cli.completion import complete_domains, complete_jobs, complete_key_files
+from virt_dup.cli.completion import (
+    complete_domains,
+    complete_domains_or_jobs,
+    complete_jobs,
+    complete_key_files,
+)
 from virt_dup.config.load import SCOPES
 from virt_dup.config.options import OPTIONS, is_backend_url
 from virt_dup.errors import UsageError
@@ -144,6 +149,36 @@ def add_list_jobs(subparsers: Subparsers) -> ArgumentParser:
     listing.add_argument("domain", metavar="DOMAIN", nargs="?").completer = complete_domains  # type: ignore[attr-defined]
     add_json_option(listing)
     return listing
+
+
+def add_status(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup status``."""
+    status = subparsers.add_parser(
+        "status",
+        help="show every job: next run, last results, freshness; --check for monitoring",
+        description="Show one row per job: domain, disks, schedule (and in words), next run "
+        "(from the systemd timers), last run and its result, last successful backup and its "
+        "age, last full, encryption and freshness (ok, warn or crit: warn once the last "
+        "success is older than 1.5 times, crit once older than 3 times the longest interval "
+        "between two scheduled runs; the job options freshness_warn and freshness_crit "
+        "override them). Reads the local status files and systemd only; --backend also "
+        "lists the backups on each job's backend (slow). Rewrites the metrics file.",
+    )
+    status.add_argument(
+        "domain", metavar="DOMAIN|JOB_UUID", nargs="?", help="default: every job"
+    ).completer = complete_domains_or_jobs  # type: ignore[attr-defined]
+    status.add_argument(
+        "--backend",
+        action="store_true",
+        help="also count the backups and their size on each job's backend (slow)",
+    )
+    status.add_argument(
+        "--check",
+        action="store_true",
+        help="monitoring plugin: one line per problem, exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN",
+    )
+    add_json_option(status)
+    return status
 
 
 def add_check_config(subparsers: Subparsers) -> ArgumentParser:

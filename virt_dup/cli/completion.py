@@ -49,3 +49,11 @@ def complete_key_files(prefix: str, **_: Any) -> list[str]:
     """Key files (``*.asc``, ``*.gpg``, ``*.key``, ``*.pgp``) and directories."""
     completer = FilesCompleter(allowednames=("asc", "gpg", "key", "pgp"))
     return list(completer(prefix))
+
+
+def complete_domains_or_jobs(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> list[str]:
+    """Domain names and job uuids (``status DOMAIN|JOB_UUID``)."""
+    return [
+        *complete_domains(prefix, parsed_args),
+        *complete_jobs(prefix, parsed_args),
+    ]

@@ -170,6 +170,39 @@ def cmd_list_jobs(context: Context) -> int:
     return EXIT_OK
 
 
+def cmd_status(context: Context) -> int:
+    from virt_dup.actions.status import refresh_metrics, status
+    from virt_dup.systemd.manager import SystemdUnavailable
+
+    arguments = context.arguments
+    config = context.config
+    try:
+        manager: ServiceManager | None = ServiceManager.connect(config.scope)
+    except SystemdUnavailable as error:
+        log.debug("%s", error)  # no next runs: "-"
+        manager = None
+    try:
+        report = status(
+            config, context.hypervisor, arguments.domain, manager=manager, backend=arguments.backend
+        )
+    finally:
+        if manager is not None:
+            manager.close()
+    if arguments.check and arguments.domain is None:
+        refresh_metrics(config, context.hypervisor, report.jobs)
+    code, lines = report.check()
+    if arguments.json:
+        output.print_json("status", report.as_json())
+    elif arguments.check:
+        for line in lines:
+            print(line)
+    else:
+        output.print_status(report.jobs, backend=arguments.backend)
+        for line in report.unknown:
+            print(f"{PROGRAM}: warning: {line}", file=sys.stderr)
+    return code if arguments.check else EXIT_OK
+
+
 def cmd_check_config(context: Context) -> int:
     from virt_dup.actions.check_config import check_config, config_report
 
@@ -434,6 +467,7 @@ VERBS: dict[str, cli_arguments.Verb] = {
     "remove-job": (cli_arguments.add_remove_job, cmd_remove_job),
     "remove-all-jobs": (cli_arguments.add_remove_all_jobs, cmd_remove_all_jobs),
     "list-jobs": (cli_arguments.add_list_jobs, cmd_list_jobs),
+    "status": (cli_arguments.add_status, cmd_status),
     "check-config": (cli_arguments.add_check_config, cmd_check_config),
     "doctor": (cli_arguments.add_doctor, cmd_doctor),
     "init": (cli_arguments.add_init, cli_keys.cmd_init),

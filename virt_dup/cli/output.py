@@ -11,9 +11,12 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TextIO
 
 from virt_dup.actions.backups import JobListing
+from virt_dup.actions.status import JobStatus
+from virt_dup.backup.freshness import format_age
 from virt_dup.backup.manifest import ManifestDisk
 from virt_dup.cli.arguments import PROGRAM
 from virt_dup.duplicity.protocol import BackupProgress
@@ -90,6 +93,56 @@ def print_jobs(records: list[dict[str, Any]], as_json: bool, out: TextIO | None 
             )
         )
     for line in format_table(rows):
+        out.write(f"{line}\n")
+
+
+def _when(value: datetime | str | None) -> str:
+    """A time as a table shows it: local, to the minute; ``-`` when none."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return "?"
+    return "-" if value is None else value.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def print_status(rows: Sequence[JobStatus], backend: bool, out: TextIO | None = None) -> None:
+    """``virt-dup status``: one row per job."""
+    out = out if out is not None else sys.stdout
+    if not rows:
+        out.write("no jobs\n")
+        return
+    header = ["DOMAIN", "JOB", "DISKS", "SCHEDULE", "NEXT RUN", "LAST RUN", "LAST SUCCESS"]
+    header += ["LAST FULL", "ENCRYPTION", *(("BACKUPS", "SIZE") if backend else ()), "FRESHNESS"]
+    table = [tuple(header)]
+    for row in rows:
+        schedules = [
+            s for s in (row.schedule, row.full_schedule and f"full {row.full_schedule}") if s
+        ]
+        last = row.last_run or {}
+        success = "never"
+        if row.last_success_time is not None and row.age is not None:
+            success = f"{_when(row.last_success_time)} ({format_age(row.age)} ago)"
+        cells = [
+            row.domain,
+            row.job,
+            ",".join(row.disks) or "all",
+            f"{'; '.join(schedules) or '-'} ({row.phrase})",
+            _when(row.next_run),
+            f"{last.get('result', '?')} {_when(last.get('finished'))}" if last else "never",
+            success,
+            _when((row.last_full or {}).get("finished")),
+            "gpg" if row.encrypted else "none",
+        ]
+        if backend:
+            summary = row.backend
+            cells += (
+                ["?", "?"] if summary is None else [str(summary.backups), format_size(summary.size)]
+            )
+        mark = row.freshness.mark
+        cells.append(f"{mark}: {row.freshness.reason}" if row.freshness.reason else mark)
+        table.append(tuple(cells))
+    for line in format_table(table):
         out.write(f"{line}\n")
 
 

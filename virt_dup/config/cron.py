@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import calendar
 import functools
+import itertools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from virt_dup.errors import ScheduleError
 
@@ -248,6 +249,69 @@ def next_runs(expression: str, start: datetime, count: int) -> list[datetime]:
                     if len(runs) == count:
                         return runs
     return runs
+
+
+#: How far :func:`longest_interval` looks ahead at least: two years see every
+#: month and weekday pattern of a yearly cycle twice.
+_INTERVAL_HORIZON_DAYS = 2 * 366
+#: ... and at most: a schedule may run only on February 29 that is a Monday
+#: (28 years apart); beyond that the horizon itself is the interval.
+_INTERVAL_LIMIT_DAYS = 28 * 366
+
+
+def longest_interval(expressions: tuple[str, ...], start: date) -> timedelta | None:
+    """The longest time between two consecutive runs of the union of schedules.
+
+    Takes cron strings (a job's incremental and full schedules run the same
+    backup) and the day to look ahead from; looks at least two years ahead
+    (and at most 28, for a schedule that runs so rarely).  Returns None when
+    no schedule runs at clock times (only ``@reboot``, or none).  Pure; wall
+    clock minutes, DST ignored.  Raises :class:`ScheduleError` as
+    :func:`parse_cron` does.
+    """
+    schedules = tuple(schedule for schedule in map(parse_cron, expressions) if not schedule.reboot)
+    if not schedules:
+        return None
+    return timedelta(minutes=_longest_interval_minutes(schedules, start))
+
+
+@functools.lru_cache(maxsize=256)
+def _longest_interval_minutes(schedules: tuple[CronSchedule, ...], start: date) -> int:
+    times = [
+        sorted(hour * 60 + minute for hour in schedule.hours for minute in schedule.minutes)
+        for schedule in schedules
+    ]
+    longest = 0
+    previous: tuple[int, int] | None = None  # (day number, minute of its last run)
+    for offset in range(_INTERVAL_LIMIT_DAYS):
+        day = start + timedelta(days=offset)
+        if offset >= _INTERVAL_HORIZON_DAYS and longest:
+            break
+        running = tuple(
+            index
+            for index, schedule in enumerate(schedules)
+            if schedule.matches(
+                datetime(day.year, day.month, day.day, *divmod(times[index][0], 60))
+            )
+        )
+        if not running:
+            continue
+        first, last, within = _day_runs(tuple(tuple(times[index]) for index in running))
+        longest = max(longest, within)
+        if previous is not None:
+            longest = max(longest, (offset - previous[0]) * 1440 + first - previous[1])
+        previous = (offset, last)
+    if longest == 0:  # one run in the whole horizon: the horizon is its interval
+        longest = _INTERVAL_LIMIT_DAYS * 1440
+    return longest
+
+
+@functools.lru_cache(maxsize=256)
+def _day_runs(times: tuple[tuple[int, ...], ...]) -> tuple[int, int, int]:
+    """(first minute, last minute, longest gap within the day) of a day's runs."""
+    minutes = sorted(set().union(*times))
+    within = max((b - a for a, b in itertools.pairwise(minutes)), default=0)
+    return minutes[0], minutes[-1], within
 
 
 def describe(expression: str) -> str:

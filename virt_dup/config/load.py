@@ -142,6 +142,12 @@ class Config:
         return Path(os.environ.get("STATE_DIRECTORY", "/var/lib/virt-dup"))
 
     @property
+    def metrics_path(self) -> Path:
+        """The metrics textfile (node_exporter's textfile collector reads
+        ``metrics/`` in the state directory)."""
+        return self.state_directory / "metrics" / "virt-dup.prom"
+
+    @property
     def own_gnupg_home(self) -> Path:
         """virt-dup's own GnuPG home, where ``virt-dup init`` puts the key:
         ``gnupg`` in the state directory (writable by the sandboxed units)."""

@@ -347,6 +347,22 @@ OPTIONS: tuple[Option, ...] = (
         "30m",
     ),
     Option(
+        "freshness_warn",
+        parse_interval,
+        "INTERVAL",
+        "virt-dup status marks the job warn when its last successful backup is older "
+        "than this (default: 1.5 times the longest interval between two scheduled runs).",
+        "36h",
+    ),
+    Option(
+        "freshness_crit",
+        parse_interval,
+        "INTERVAL",
+        "virt-dup status marks the job crit when its last successful backup is older "
+        "than this (default: 3 times the longest interval between two scheduled runs).",
+        "3D",
+    ),
+    Option(
         "description",
         parse_text,
         "TEXT",
@@ -379,6 +395,8 @@ class JobOptions:
     disable_if_powered_off: bool | None = None
     quiesce: str | None = None
     stall_timeout: str | None = None
+    freshness_warn: str | None = None
+    freshness_crit: str | None = None
     description: str | None = None
 
     def shown_values(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ MINIMAL = {
     "remove-job": [JOB],
     "remove-all-jobs": [],
     "list-jobs": [],
+    "status": [],
     "check-config": [],
     "doctor": [],
     "init": [],
