@@ -10,7 +10,8 @@ The order matters and is the design's:
 4. record the plan, then put an overlay on every selected disk;
 5. write the metadata folder, back up the selected files with duplicity;
 6. merge every overlay back — always, also when the backup failed;
-7. clear the record, apply retention, record the result.
+7. clear the record, apply retention, record the result (status file,
+   journal, the metrics textfile).
 
 A SIGTERM (systemd stopping the unit, its start timeout) becomes an
 exception so step 6 still runs.
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import libvirt
 
+from virt_dup.actions.status import refresh_metrics
 from virt_dup.backup.manifest import write_metadata
 from virt_dup.backup.overlay import (
     MERGE_TIMEOUT_SECONDS,
@@ -124,7 +126,11 @@ def run_job(
     run = _Run(config, hypervisor, store, domain, job, duplicity or Duplicity(), report, progress)
     try:
         with (
-            journal.recorded(result, lambda done: _write_status(store, done)),
+            journal.recorded(
+                result,
+                lambda done: _write_status(store, done),
+                lambda _done: refresh_metrics(config, hypervisor),
+            ),
             file_errors_reported(),
             store.domain_lock(domain.UUIDString(), domain.name(), lock_wait_seconds),
         ):

@@ -322,5 +322,5 @@ def refresh_metrics(config: Config, hypervisor: Hypervisor, rows: Iterable[JobSt
     try:
         rows = list(rows) or list(status(config, hypervisor).jobs)
         write_metrics(config.metrics_path, [row.metrics() for row in rows])
-    except (VirtDupError, OSError) as error:
+    except Exception as error:  # a bug here must not fail the run that called it either
         log.warning("cannot write the metrics file %s: %s", config.metrics_path, error)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from virt_dup.actions.status import refresh_metrics
 from virt_dup.config.load import Config
 from virt_dup.duplicity.target import isolated
 from virt_dup.errors import VirtDupError
@@ -116,7 +117,10 @@ def verify(
     Path(parent).mkdir(parents=True, exist_ok=True)
     directory = tempfile.mkdtemp(prefix=f"virt-dup-verify-{source.job_uuid}-", dir=parent)
     try:
-        with journal.recorded(result):
+        # The metrics file follows (its ages and freshness); a backend read on a
+        # fresh host, without the job in libvirt, leaves it alone.
+        also = () if source.job is None else (lambda _done: refresh_metrics(config, hypervisor()),)
+        with journal.recorded(result, *also):
             # A duplicity cache of its own: the backend alone must be enough, and a
             # backup of the job running meanwhile holds the job's cache.
             alone = replace(source, target=isolated(source.target, Path(directory) / "cache"))

@@ -127,7 +127,7 @@ def print_status(rows: Sequence[JobStatus], backend: bool, out: TextIO | None = 
             row.domain,
             row.job,
             ",".join(row.disks) or "all",
-            f"{'; '.join(schedules) or '-'} ({row.phrase})",
+            f"{'; '.join(schedules)} ({row.phrase})" if schedules else "- (by hand)",
             _when(row.next_run),
             f"{last.get('result', '?')} {_when(last.get('finished'))}" if last else "never",
             success,
