@@ -98,6 +98,7 @@ def test_man_page_documents_every_command() -> None:
         "remove-all-jobs",
         "list-jobs",
         "jobs",
+        "status",
         "check-config",
         "init",
         "export-key",
