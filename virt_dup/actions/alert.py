@@ -53,7 +53,7 @@ def alert_failure(config: Config, unit: str, *, host: str | None = None) -> Aler
         JOB_UUID=failed.job_uuid,
     )
     result = AlertResult(alert)
-    if "failure" not in config.alerts.on or not config.alerts.configured:
+    if "failure" not in config.alerts.events or not config.alerts.configured:
         return result
     try:
         urls = alert_urls(config.alerts)

@@ -79,6 +79,7 @@ def send_alert(urls: list[str], alert: Alert, *, failure: bool = True) -> list[s
                     body=alert.body,
                     title=alert.title,
                     notify_type=apprise.NotifyType.FAILURE if failure else apprise.NotifyType.INFO,
+                    body_format=apprise.NotifyFormat.TEXT,
                 )
             )
         if not added:

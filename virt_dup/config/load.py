@@ -93,8 +93,9 @@ class RestoreSettings:
     require_signature: bool = False
 
 
-#: What may raise an alert (``alerts.on``): a failed virt-dup unit, a job whose
-#: backups are not fresh (``virt-dup status --check --alert``).
+#: What may raise an alert (``alerts.events``; not ``on``, which YAML 1.1 reads
+#: as true): a failed virt-dup unit, a job whose backups are not fresh
+#: (``virt-dup status --check --alert``).
 ALERT_EVENTS = ("failure", "stale")
 
 
@@ -107,7 +108,7 @@ class AlertSettings:
     #: A root-only file with more apprise URLs, one a line (URLs that hold passwords).
     urls_file: Path | None = None
     #: The events that send an alert (:data:`ALERT_EVENTS`).
-    on: tuple[str, ...] = ALERT_EVENTS
+    events: tuple[str, ...] = ALERT_EVENTS
     #: Pinged when a run starts (``/start``), succeeds (as is) and fails (``/fail``);
     #: ``{job}`` becomes the job's uuid.
     ping_url: str | None = None
@@ -362,7 +363,7 @@ _TOP_LEVEL = (
     "restore",
     "alerts",
 )
-_ALERT_KEYS = ("urls", "urls_file", "on", "ping_url")
+_ALERT_KEYS = ("urls", "urls_file", "events", "ping_url")
 #: An apprise URL: a scheme, then anything but blanks and control characters.
 _ALERT_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\x00-\x1f\x7f]+")
 _PING_URL = re.compile(r"https?://[^\s\x00-\x1f\x7f{}]+(?:\{job\}[^\s\x00-\x1f\x7f{}]*)*")
@@ -654,12 +655,7 @@ class _Loader:
         except ConfigError as error:
             raise ConfigError(f"{self.path}: {error}") from None
 
-    def alerts(self, value: object) -> AlertSettings:
-        section = self.mapping(value, "alerts")
-        for key in section:
-            if key not in _ALERT_KEYS:
-                raise self.unknown("alerts.", key, _ALERT_KEYS)
-        urls = section.get("urls") or []
+    def alert_urls(self, urls: object) -> list[str]:
         if isinstance(urls, str):
             urls = [urls]
         if not isinstance(urls, list):
@@ -678,11 +674,22 @@ class _Loader:
                     "configuration; move the URL to a root-only file named by alerts.urls_file"
                 )
             checked.append(text)
-        events = section.get("on", list(ALERT_EVENTS))
+        return checked
+
+    def alerts(self, value: object) -> AlertSettings:
+        if isinstance(value, dict) and True in value:
+            # YAML 1.1 reads an unquoted key "on" as true.
+            raise ConfigError(f"{self.path}: alerts.on: unknown key; write it as events:")
+        section = self.mapping(value, "alerts")
+        for key in section:
+            if key not in _ALERT_KEYS:
+                raise self.unknown("alerts.", key, _ALERT_KEYS)
+        checked = self.alert_urls(section.get("urls") or [])
+        events = section.get("events", list(ALERT_EVENTS))
         if isinstance(events, str):
             events = [events]
         if not isinstance(events, list) or not all(event in ALERT_EVENTS for event in events):
-            raise self.error("alerts.on", f"a list of {', '.join(ALERT_EVENTS)}", events)
+            raise self.error("alerts.events", f"a list of {', '.join(ALERT_EVENTS)}", events)
         ping_url = None
         if section.get("ping_url") is not None:
             ping_url = self.text(section["ping_url"], "alerts.ping_url")
@@ -695,7 +702,7 @@ class _Loader:
         return AlertSettings(
             urls=tuple(checked),
             urls_file=self.optional_path(section, "urls_file", "alerts."),
-            on=tuple(dict.fromkeys(events)),
+            events=tuple(dict.fromkeys(events)),
             ping_url=ping_url,
         )
 
