@@ -30,6 +30,7 @@ from pathlib import Path
 import libvirt
 
 from virt_dup.actions.status import refresh_metrics
+from virt_dup.alerts.send import Pings
 from virt_dup.backup.manifest import write_metadata
 from virt_dup.backup.overlay import (
     MERGE_TIMEOUT_SECONDS,
@@ -118,8 +119,44 @@ def run_job(
     """Run one backup of a job; returns the result.
 
     Every failure is recorded (status file, journal) and raised as
-    :class:`RunFailed`, after every overlay is merged back.
+    :class:`RunFailed`, after every overlay is merged back.  With
+    ``alerts.ping_url``, the start, success or failure is pinged too
+    (bounded, never a reason for the run to fail).
     """
+    pings = Pings(config, job_uuid)
+    pings.start()
+    try:
+        result = _run_job(
+            config,
+            hypervisor,
+            job_uuid,
+            force_full=force_full,
+            report=report,
+            progress=progress,
+            duplicity=duplicity,
+            lock_wait_seconds=lock_wait_seconds,
+        )
+    except RunFailed as failed:
+        pings.failure(failed.result.summary())
+        raise
+    except VirtDupError as error:  # before the run began: no such job, no libvirt
+        pings.failure(str(error))
+        raise
+    pings.success(result.summary())
+    return result
+
+
+def _run_job(
+    config: Config,
+    hypervisor: Hypervisor,
+    job_uuid: str,
+    *,
+    force_full: bool,
+    report: Callable[[str], None],
+    progress: Callable[[BackupProgress], None] | None,
+    duplicity: Duplicity | None,
+    lock_wait_seconds: float,
+) -> RunResult:
     domain, job = hypervisor.find_job(job_uuid)
     store = StateStore.of(config)
     result = RunResult(job.uuid, domain.name())

@@ -386,6 +386,23 @@ def add_recover(subparsers: Subparsers) -> ArgumentParser:
     return recover
 
 
+def add_alert(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup alert``."""
+    alert = subparsers.add_parser(
+        "alert",
+        help="send the alert that a virt-dup unit failed (what the alert unit does)",
+        description="Say in the journal that UNIT failed and send an alert with its job, "
+        "domain, error line and the journalctl command that shows more to every URL of "
+        "alerts: in virt-dup.yml (apprise URLs). virt-dup-alert@UNIT.service runs this "
+        "when a virt-dup unit fails. An alert that cannot be sent is a journal warning: "
+        "the exit code is 0 unless UNIT is not a unit name.",
+    )
+    alert.add_argument(
+        "unit", metavar="UNIT", help="the failed unit, e.g. virt-dup@JOB_UUID.service"
+    )
+    return alert
+
+
 def add_backups(subparsers: Subparsers) -> ArgumentParser:
     """``virt-dup backups``."""
     backups = subparsers.add_parser(

@@ -32,6 +32,7 @@ from virt_dup.errors import (
     EXIT_NO_BACKUPS,
     EXIT_OK,
     EXIT_USAGE,
+    ConfigError,
     NotFoundError,
     UsageError,
     VirtDupError,
@@ -359,6 +360,26 @@ def cmd_recover(context: Context) -> int:
     return EXIT_FAILED if errors else EXIT_OK
 
 
+def cmd_alert(context: Context) -> int:
+    from virt_dup.actions.alert import alert_failure, config_failure
+    from virt_dup.alerts.message import parse_unit
+
+    unit = context.arguments.unit
+    parse_unit(unit)  # a usage error before anything else
+    try:
+        config = context.config
+    except ConfigError as error:
+        config_failure(unit, error)
+        print(f"{PROGRAM}: warning: alert not sent: {error}", file=sys.stderr)
+        return EXIT_OK
+    result = alert_failure(config, unit)
+    for shown in result.sent:
+        print(f"alert sent to {shown}")
+    if not result.sent and not result.problems:
+        print("no alerts configured (alerts.urls in virt-dup.yml): the journal has the failure")
+    return EXIT_OK
+
+
 def cmd_backups(context: Context) -> int:
     from virt_dup.actions.backups import list_jobs_backups
 
@@ -477,6 +498,7 @@ VERBS: dict[str, cli_arguments.Verb] = {
     "sync-timers": (cli_arguments.add_sync_timers, cmd_sync_timers),
     "run": (cli_arguments.add_run, cmd_run),
     "recover": (cli_arguments.add_recover, cmd_recover),
+    "alert": (cli_arguments.add_alert, cmd_alert),
     "backups": (cli_arguments.add_backups, cmd_backups),
     "restore": (cli_arguments.add_restore, cmd_restore),
     "verify": (cli_arguments.add_verify, cmd_verify),

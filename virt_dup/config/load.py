@@ -93,6 +93,31 @@ class RestoreSettings:
     require_signature: bool = False
 
 
+#: What may raise an alert (``alerts.events``; not ``on``, which YAML 1.1 reads
+#: as true): a failed virt-dup unit, a job whose backups are not fresh
+#: (``virt-dup status --check --alert``).
+ALERT_EVENTS = ("failure", "stale")
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    """Where alerts go (apprise URLs) and the healthchecks-style pings of runs."""
+
+    #: apprise URLs (mailto://, json://, ntfy://...) as virt-dup.yml lists them.
+    urls: tuple[str, ...] = ()
+    #: A root-only file with more apprise URLs, one a line (URLs that hold passwords).
+    urls_file: Path | None = None
+    #: The events that send an alert (:data:`ALERT_EVENTS`).
+    events: tuple[str, ...] = ALERT_EVENTS
+    #: Pinged when a run starts (``/start``), succeeds (as is) and fails (``/fail``);
+    #: ``{job}`` becomes the job's uuid.
+    ping_url: str | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.urls) or self.urls_file is not None
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole of virt-dup.yml, validated."""
@@ -104,6 +129,7 @@ class Config:
     encryption: EncryptionSettings = EncryptionSettings()
     policy: PolicySettings = PolicySettings()
     restore: RestoreSettings = RestoreSettings()
+    alerts: AlertSettings = AlertSettings()
     defaults: JobOptions = BUILTIN_DEFAULTS
     state_dir: Path | None = None
     cache_dir: Path | None = None
@@ -341,7 +367,12 @@ _TOP_LEVEL = (
     "randomized_delay",
     "policy",
     "restore",
+    "alerts",
 )
+_ALERT_KEYS = ("urls", "urls_file", "events", "ping_url")
+#: An apprise URL: a scheme, then anything but blanks and control characters.
+_ALERT_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\x00-\x1f\x7f]+")
+_PING_URL = re.compile(r"https?://[^\s\x00-\x1f\x7f{}]+(?:\{job\}[^\s\x00-\x1f\x7f{}]*)*")
 _RESTORE_KEYS = ("require_signature",)
 _POLICY_KEYS = ("allow_job_backend_urls", "require_encryption", "allowed_keys")
 _LIBVIRT_KEYS = ("uri", "username", "password_file", "flags", "config_dir")
@@ -397,6 +428,7 @@ class _Loader:
         encryption = self.encryption(sections.get("encryption"))
         policy = self.policy(sections.get("policy"))
         restore = self.restore(sections.get("restore"))
+        alerts = self.alerts(sections.get("alerts"))
         if restore.require_signature and encryption.sign_key is None:
             raise ConfigError(
                 f"{self.path}: restore.require_signature is true but encryption.sign_key is "
@@ -413,6 +445,7 @@ class _Loader:
         for key, secret in (
             ("libvirt.password_file", libvirt.password_file),
             ("encryption.passphrase_file", encryption.passphrase_file),
+            ("alerts.urls_file", alerts.urls_file),
         ):
             self.check_private(key, secret)
         return Config(
@@ -423,6 +456,7 @@ class _Loader:
             encryption=encryption,
             policy=policy,
             restore=restore,
+            alerts=alerts,
             defaults=defaults,
             state_dir=self.optional_path(sections, "state_dir"),
             cache_dir=self.optional_path(sections, "cache_dir"),
@@ -626,6 +660,57 @@ class _Loader:
             )
         except ConfigError as error:
             raise ConfigError(f"{self.path}: {error}") from None
+
+    def alert_urls(self, urls: object) -> list[str]:
+        if isinstance(urls, str):
+            urls = [urls]
+        if not isinstance(urls, list):
+            raise self.error("alerts.urls", "a list of apprise URLs", urls)
+        checked: list[str] = []
+        for index, url in enumerate(urls):
+            where = f"alerts.urls[{index}]"
+            text = self.text(url, where)
+            if not _ALERT_URL.fullmatch(text):
+                # The value may hold a password: show only its masked form.
+                shown = masked_url(text) if "://" in text else text[:40]
+                raise self.error(where, "an apprise URL such as mailto:// or json://", shown)
+            if urllib.parse.urlsplit(text).password is not None:
+                self.notices.append(
+                    f"{self.path}: {where} {masked_url(text)} puts a password in the "
+                    "configuration; move the URL to a root-only file named by alerts.urls_file"
+                )
+            checked.append(text)
+        return checked
+
+    def alerts(self, value: object) -> AlertSettings:
+        if isinstance(value, dict) and True in value:
+            # YAML 1.1 reads an unquoted key "on" as true.
+            raise ConfigError(f"{self.path}: alerts.on: unknown key; write it as events:")
+        section = self.mapping(value, "alerts")
+        for key in section:
+            if key not in _ALERT_KEYS:
+                raise self.unknown("alerts.", key, _ALERT_KEYS)
+        checked = self.alert_urls(section.get("urls") or [])
+        events = section.get("events", list(ALERT_EVENTS))
+        if isinstance(events, str):
+            events = [events]
+        if not isinstance(events, list) or not all(event in ALERT_EVENTS for event in events):
+            raise self.error("alerts.events", f"a list of {', '.join(ALERT_EVENTS)}", events)
+        ping_url = None
+        if section.get("ping_url") is not None:
+            ping_url = self.text(section["ping_url"], "alerts.ping_url")
+            if not _PING_URL.fullmatch(ping_url):
+                raise self.error(
+                    "alerts.ping_url",
+                    "an http(s) URL such as https://hc-ping.com/KEY/{job}",
+                    masked_url(ping_url),
+                )
+        return AlertSettings(
+            urls=tuple(checked),
+            urls_file=self.optional_path(section, "urls_file", "alerts."),
+            events=tuple(dict.fromkeys(events)),
+            ping_url=ping_url,
+        )
 
     def defaults(self, value: object, legacy: dict[tuple[str, str | None], Any]) -> JobOptions:
         section = dict(self.mapping(value, "defaults"))

@@ -87,6 +87,9 @@ DROP_INS = (
         SANDBOXED_SERVICES,
     ),
     DropIn("virt-dup-run.conf", "50-virt-dup-run.conf", ("system", "user"), RUN_SERVICES),
+    DropIn(
+        "virt-dup-alert-system.conf", "46-virt-dup-alert-system.conf", ("system",), (ALERT_SERVICE,)
+    ),
 )
 
 #: Drop-ins earlier versions installed, deleted by ``install-units``.

@@ -40,6 +40,7 @@ MINIMAL = {
     "sync-timers": [],
     "run": [JOB],
     "recover": [],
+    "alert": [f"virt-dup@{JOB}.service"],
     "backups": [],
     "restore": ["vm01"],
     "verify": [JOB],
