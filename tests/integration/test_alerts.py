@@ -217,3 +217,42 @@ def test_a_failed_alert_is_logged_and_changes_nothing_else(
         assert listed.strip() == ""
         assert list((host.backend / job).glob("duplicity-full.*.manifest"))
     assert received.posts == [] and received.emails == []
+
+
+def test_the_daily_check_alerts_a_stale_job_once_and_does_not_fail(
+    user_manager: UserManager,  # noqa: F811
+    make_domain: DomainFactory,
+    receivers: tuple[Received, int, int],
+) -> None:
+    """virt-dup-check.service (what virt-dup-check.timer starts daily) runs
+    ``status --check --alert``: a scheduled job that never succeeded is not
+    fresh, the webhook hears of it once, and the unit's own result is success
+    (a failed unit would alert a second time)."""
+    received, _smtp_port, http_port = receivers
+    job = str(uuid.uuid4())
+    host = Host(user_manager, [job])
+    host.write_config(f"alerts:\n  urls: [json://127.0.0.1:{http_port}/stale]\n  events: [stale]\n")
+    host.install()
+    vm = make_domain(running=False)
+    host.virt_dup(
+        "add-job", vm.name, "--uuid", job, "--schedule", "0 3 * * *", "--encryption", "none"
+    )
+    assert (
+        "virt-dup-check.timer"
+        in host.manager.systemctl("list-timers", "--all", "virt-dup-check.timer").stdout
+    )
+
+    host.manager.systemctl("start", "virt-dup-check.service")
+
+    assert host.show("virt-dup-check.service", "Result")["Result"] == "success"
+    stale = [json.loads(body) for path, body in received.posts if path == "/stale"]
+    assert len(stale) == 1
+    assert job in stale[0]["message"] and "not fresh" in stale[0]["title"]
+    assert not any(path == "/alert" for path, _ in received.posts)  # no failure alert
+    # Without "stale" in alerts.events the check sends nothing.
+    host.write_config(
+        f"alerts:\n  urls: [json://127.0.0.1:{http_port}/stale]\n  events: [failure]\n"
+    )
+    checked = host.virt_dup("status", "--check", "--alert", check=False)
+    assert checked.returncode == 1 and job in checked.stdout
+    assert len([path for path, _ in received.posts if path == "/stale"]) == 1

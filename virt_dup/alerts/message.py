@@ -130,5 +130,20 @@ def failure_alert(
     return Alert(title=title, body="\n".join(lines) + "\n")
 
 
+def stale_alert(problems: list[str], *, host: str, scope: str) -> Alert:
+    """The alert of ``virt-dup status --check --alert``: one line per job that is
+    not fresh (``problems``: what ``--check`` printed)."""
+    command = "virt-dup status"
+    lines = [
+        f"virt-dup on {host}: {len(problems)} problem(s) with the freshness of the backups:",
+        *(_one_line(problem) for problem in problems),
+        f"more: {command}; {journal_command('virt-dup-check.service', scope)}",
+    ]
+    return Alert(
+        title=f"virt-dup on {host}: backups not fresh ({len(problems)})",
+        body="\n".join(lines) + "\n",
+    )
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())

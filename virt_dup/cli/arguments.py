@@ -177,6 +177,12 @@ def add_status(subparsers: Subparsers) -> ArgumentParser:
         action="store_true",
         help="monitoring plugin: one line per problem, exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN",
     )
+    status.add_argument(
+        "--alert",
+        action="store_true",
+        help="with --check: send the problems through the alerts of virt-dup.yml when its "
+        "alerts.events name stale (virt-dup-check.timer runs this daily)",
+    )
     add_json_option(status)
     return status
 

@@ -171,8 +171,22 @@ def cmd_list_jobs(context: Context) -> int:
     return EXIT_OK
 
 
+def alert_stale(config: Config, lines: list[str]) -> None:
+    """Send ``status --check``'s problems when virt-dup.yml's alerts want "stale";
+    an alert that cannot be sent is a warning, never a failure."""
+    from virt_dup.alerts.message import stale_alert
+    from virt_dup.alerts.send import alert_urls, hostname, send_alert
+
+    if "stale" not in config.alerts.events:
+        log.info("alerts.events does not name stale: no alert sent")
+        return
+    alert = stale_alert(lines, host=hostname(), scope=config.scope)
+    for problem in send_alert(alert_urls(config.alerts), alert):
+        print(f"{PROGRAM}: warning: alert not sent: {problem}", file=sys.stderr)
+
+
 def cmd_status(context: Context) -> int:
-    from virt_dup.actions.status import refresh_metrics, status
+    from virt_dup.actions.status import CHECK_OK, refresh_metrics, status
     from virt_dup.systemd.manager import SystemdUnavailable
 
     arguments = context.arguments
@@ -192,6 +206,11 @@ def cmd_status(context: Context) -> int:
     if arguments.check and arguments.domain is None:
         refresh_metrics(config, context.hypervisor, report.jobs)
     code, lines = report.check()
+    if arguments.alert:
+        if not arguments.check:
+            raise UsageError("--alert goes with --check")
+        if code != CHECK_OK:
+            alert_stale(config, lines)
     if arguments.json:
         output.print_json("status", report.as_json())
     elif arguments.check:

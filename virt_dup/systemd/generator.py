@@ -33,6 +33,8 @@ TARGET = "virt-dup.target"
 TIMERS_TARGET = "timers.target"
 #: Boot recovery: merges back what interrupted runs left, for every domain.
 RECOVER_SERVICE = "virt-dup-recover.service"
+#: The daily freshness check (``virt-dup status --check --alert``).
+CHECK_SERVICE = "virt-dup-check.service"
 #: The drop-in that says what a service may write (``ReadWritePaths=``).
 PATHS_DROP_IN = "50-virt-dup-paths.conf"
 #: Where ``virt-dup verify`` puts its scratch directory by default.
@@ -254,6 +256,11 @@ def render_units(config: Config, domain_files: Iterable[tuple[str, bytes]]) -> G
     )
     generated.files[f"{RECOVER_SERVICE}.d/{PATHS_DROP_IN}"] = text
     generated.warnings += problems
+    # The freshness check writes the metrics file in the state directory.
+    text, _same_problems = render_paths_drop_in(
+        shared_writable_paths(config), "the freshness check", config.path.name
+    )
+    generated.files[f"{CHECK_SERVICE}.d/{PATHS_DROP_IN}"] = text
     generated.warnings += [
         f"{', '.join(sources[job_uuid])}: {duplicate_job_message(job_uuid, names)}"
         for job_uuid, names in seen.items()

@@ -27,6 +27,7 @@ from virt_dup.errors import UsageError, VirtDupError
 from virt_dup.files import make_directories, write_atomically
 from virt_dup.libvirt.metadata import is_valid_uuid
 from virt_dup.systemd.generator import (
+    CHECK_SERVICE,
     RECOVER_SERVICE,
     TARGET,
     TIMER_KINDS,
@@ -54,6 +55,8 @@ UNIT_FILES = (
     "virt-dup-reload.path",
     RELOAD_SERVICE,
     RECOVER_SERVICE,
+    CHECK_SERVICE,
+    "virt-dup-check.timer",
 )
 
 
@@ -61,7 +64,7 @@ UNIT_FILES = (
 RUN_SERVICES = tuple(f"{kind.prefix}@.service" for kind in TIMER_KINDS)
 
 #: Every service that runs virt-dup unattended: they share one sandbox.
-SANDBOXED_SERVICES = (*RUN_SERVICES, RECOVER_SERVICE)
+SANDBOXED_SERVICES = (*RUN_SERVICES, RECOVER_SERVICE, CHECK_SERVICE)
 
 #: Every service installed.
 SERVICES = (*SANDBOXED_SERVICES, RELOAD_SERVICE, ALERT_SERVICE)

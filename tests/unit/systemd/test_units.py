@@ -275,6 +275,9 @@ def test_the_target_and_boot_recovery_are_enabled(tmp_path: Path) -> None:
         unit_dir / "timers.target.wants" / "virt-dup.target": unit_dir / "virt-dup.target",
         unit_dir / "multi-user.target.wants" / "virt-dup-recover.service": unit_dir
         / "virt-dup-recover.service",
+        # the daily freshness check comes and goes with every job's timer
+        unit_dir / "virt-dup.target.wants" / "virt-dup-check.timer": unit_dir
+        / "virt-dup-check.timer",
     }
 
 
