@@ -60,6 +60,7 @@ class VerifyResult(journal.Outcome):
     """What a verification found."""
 
     ACTION = "verify"
+    MESSAGE_ID = journal.MESSAGE_VERIFY
 
     backup_id: str = "?"
     files: int = 0

@@ -306,7 +306,7 @@ def cmd_run(context: Context) -> int:
             end_progress()
         results.append(result)
         if not arguments.json:
-            print(result.summary())
+            output.print_summary(result)
     if arguments.json:
         output.print_json("run", {"runs": [result.as_json() for result in results]})
     return EXIT_OK
@@ -317,8 +317,8 @@ def cmd_recover(context: Context) -> int:
     from virt_dup.backup.state import StateStore
 
     done, errors = recover_all(context.hypervisor, StateStore.of(context.config))
-    for line in done:
-        print(f"recovered: {line}")
+    # Each domain's recovery has a journal record saying the same.
+    output.print_lines([f"recovered: {line}" for line in done])
     for line in errors:
         print(f"{PROGRAM}: error: {line}", file=sys.stderr)
     if not done and not errors:
@@ -386,7 +386,7 @@ def cmd_restore(context: Context) -> int:
     if arguments.json:
         output.print_json("restore", result.as_json())
     else:
-        print(result.summary())
+        output.print_summary(result)
     if result.defined:
         sync_after_job_change(context)
     return EXIT_OK
@@ -410,7 +410,7 @@ def cmd_verify(context: Context) -> int:
     if arguments.json:
         output.print_json("verify", result.as_json())
     else:
-        print(result.summary())
+        output.print_summary(result)
     return EXIT_OK
 
 
