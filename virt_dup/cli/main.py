@@ -37,6 +37,7 @@ from virt_dup.errors import (
     VirtDupError,
 )
 from virt_dup.libvirt.connection import Hypervisor
+from virt_dup.systemd.journal import Outcome
 from virt_dup.systemd.manager import ServiceManager
 from virt_dup.systemd.units import InstallSettings
 
@@ -503,7 +504,10 @@ def _main(
     except VirtDupError as error:
         if debug:
             traceback.print_exc()
-        print(f"{PROGRAM}: error: {error}", file=sys.stderr)
+        recorded = getattr(error, "result", None)  # a run's or verification's outcome
+        if not (isinstance(recorded, Outcome) and recorded.in_journal_of(sys.stderr)):
+            # (under systemd its journal record already says it)
+            print(f"{PROGRAM}: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print(f"{PROGRAM}: interrupted", file=sys.stderr)
