@@ -122,6 +122,9 @@ def test_a_run_under_systemd_names_its_domain_and_logs_one_filterable_record(
         assert failed["ACTION"] == "backup"
         assert failed["DOMAIN"] == vm.name
         assert failed["PRIORITY"] == str(journal.PRIORITY_ERR)
+        assert journal_entries(manager, "-t", "virt-dup", f"DOMAIN={vm.name}", "RESULT=failed") == [
+            failed
+        ]
         cause = failed["MESSAGE"].rsplit(": failed: ", 1)[1]
         mentions = [m for m in service_messages(manager, service) if cause in m]
         assert mentions == [failed["MESSAGE"]], mentions

@@ -449,3 +449,14 @@ def test_a_summary_not_recorded_yet_is_printed(
     with journal_stream(tmp_path / "journal", monkeypatch) as stream:
         print_summary(Copied(JOB, "vm01", files=1, result="success"), stream)
     assert (tmp_path / "journal").read_text() == f"copied 1 file(s) of job {JOB}\n"
+
+
+def test_virt_dup_8_documents_every_message_id_and_field_of_a_record() -> None:
+    page = (Path(__file__).resolve().parents[3] / "man" / "virt-dup.8").read_text()
+    journal_section = page[page.index(".SH JOURNAL") : page.index(".SH EXIT STATUS")]
+    for message_id in journal.MESSAGE_IDS.values():
+        assert message_id in journal_section
+    outcome = RunResult(JOB, "vm01")
+    fields = ["MESSAGE_ID", "JOB_UUID", "DOMAIN", "ACTION", "RESULT", "DURATION_SEC"]
+    for name in [*fields, *outcome.details(), *RestoreResult(JOB).details()]:
+        assert f".B {name}" in journal_section or f" {name}" in journal_section, name
