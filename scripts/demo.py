@@ -10,11 +10,20 @@
    own `install-units`, the system manager's sandbox (ProtectSystem=strict...)
    on top;
 4. `virt-dup add-job` with a schedule of every minute: the timer appears at
-   once, fires, and its service backs the domain up (encrypted, full);
-5. `virt-dup backups` lists the backup; `virt-dup restore --target-dir`
+   once (named after the domain), fires, and its service backs the domain
+   up (encrypted, full); a journald of the manager's own records it, once;
+5. the guest writes (QEMU's HMP `qemu-io` through its own virtio disk), and
+   the timer's next firing makes an incremental that holds the write;
+6. what an admin sees: the jobs, every virt-dup timer, the journal records
+   by `JOB_UUID=` (TODO: `virt-dup status` from branch status);
+7. a forced failure (the job's backend taken out of virt-dup.yml): the
+   failure record, the service failed under its domain's name, the alert unit started by
+   `OnFailure=` (TODO: a local webhook receiving it, branch alerts);
+8. `virt-dup backups` lists both backups; `virt-dup restore --target-dir`
    rebuilds the chain, which must equal the domain's disk in guest view
-   (`qemu-img compare`) — the demo fails loudly otherwise;
-6. everything made is removed, also when a step fails.
+   (`qemu-img compare`, with the guest's write) — the demo fails loudly
+   otherwise;
+9. everything made is removed, also when a step fails.
 """
 
 from __future__ import annotations
@@ -29,9 +38,12 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import libvirt
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY / "tests" / "integration"))
 
+from harness.domains import ScratchDomain  # noqa: E402
 from harness.install import VIRT_DUP, install_tree  # noqa: E402
 from harness.manager import (  # noqa: E402
     UserManager,
@@ -123,6 +135,27 @@ def make_gpg_key(home: Path) -> str:
     return next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
 
 
+def unit_state(manager: UserManager, unit: str) -> dict[str, str]:
+    output = manager.systemctl(
+        "show", unit, "-p", "ActiveState", "-p", "Result", "-p", "ExecMainStartTimestampMonotonic"
+    ).stdout
+    return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+
+
+def wait_for_run(manager: UserManager, unit: str, after: str = "0") -> dict[str, str]:
+    """The unit's state once a run that started after ``after`` (a monotonic
+    start timestamp) has finished; exits the demo when none does in 200 s."""
+    deadline = time.monotonic() + 200
+    while True:
+        state = unit_state(manager, unit)
+        started = state.get("ExecMainStartTimestampMonotonic", "0")
+        if started not in ("", "0", after) and state.get("ActiveState") in ("inactive", "failed"):
+            return state
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: {unit} did not run within 200 s: {state}")
+        time.sleep(1)
+
+
 def main() -> int:
     name = f"virt-dup-demo-{secrets.token_hex(4)}"
     images = Path("/var/lib/libvirt/images") / name
@@ -153,7 +186,6 @@ def main() -> int:
             f"backends:\n  local: file://{work}/backend\n"
             f"encryption:\n  keys: [{fingerprint}]\n  gnupg_home: {gnupg}\n"
             f"state_dir: {work}/state\ncache_dir: {work}/cache\n"
-            "defaults:\n  backends: [local]\n"
         )
         print(config.read_text(), end="")
 
@@ -196,52 +228,95 @@ def main() -> int:
             print(f"(the system manager's sandbox) {path}")
         on_host("systemctl", "--user", "daemon-reload")
 
-        step("Add a job that runs every minute; its timer exists at once")
-        job = on_host(str(VIRT_DUP), "add-job", name, "--schedule", "* * * * *").stdout.strip()
-        on_host("systemctl", "--user", "list-timers", f"virt-dup@{job}.timer")
+        # The manager's own journald: what `journalctl` shows on a host.
+        cleanup.enter_context(manager.journald())
 
-        step("Wait for the timer to fire and the backup service to finish")
+        step("Add a job that runs every minute; its timer exists at once, named after the VM")
+        job = on_host(
+            str(VIRT_DUP),
+            "add-job",
+            name,
+            "--schedule",
+            "* * * * *",
+            "--backend",
+            "local",
+            "--description",
+            "demo",
+        ).stdout.strip()
         service = f"virt-dup@{job}.service"
+        on_host("systemctl", "--user", "list-timers", "virt-dup*")
+        on_host("systemctl", "--user", "show", "-p", "Description", service)
 
-        def service_state() -> dict[str, str]:
-            output = manager.systemctl(
-                "show",
-                service,
-                "-p",
-                "ActiveState",
-                "-p",
-                "Result",
-                "-p",
-                "ExecMainStartTimestampMonotonic",
-            ).stdout
-            return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+        def journal_records(*matches: str) -> list[str]:
+            shown = on_host(
+                "journalctl", "--no-pager", "-t", "virt-dup", f"JOB_UUID={job}", *matches
+            )
+            return [line for line in shown.stdout.splitlines() if "virt-dup" in line]
 
-        deadline = time.monotonic() + 200
-        while True:
-            state = service_state()
-            started = state.get("ExecMainStartTimestampMonotonic", "0") not in ("", "0")
-            if started and state.get("ActiveState") in ("inactive", "failed"):
-                break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"demo: {service} did not run within 200 s: {state}")
-            time.sleep(1)
+        step("Wait for the timer to fire: a full backup")
+        first = wait_for_run(manager, service)
+        if first.get("Result") != "success":
+            print(manager.log(400))
+            raise SystemExit(f"demo: {service} failed: {first}")
         # status exits 3 for a unit that is not running: a finished oneshot
         on_host("systemctl", "--user", "status", "--no-pager", "-n", "0", service, ok_codes=(0, 3))
-        if state.get("Result") != "success":
-            print(manager.log(400))
-            raise SystemExit(f"demo: {service} failed: {state}")
-        on_host(str(VIRT_DUP), "list-jobs", name)
+        if len(journal_records("BACKUP_TYPE=full")) != 1:
+            raise SystemExit("demo: the full backup is not in the journal exactly once")
 
-        step("What exists on the backend")
+        step("The guest writes 4 MiB (through its own virtio disk, as a guest would)")
+        connection = libvirt.open("qemu:///system")
+        cleanup.callback(connection.close)
+        guest = ScratchDomain(name, "", connection.lookupByName(name), images, {"vda": (top,)})
+        print("qemu-io: write -P 0x77 64M 4M on vda", flush=True)
+        guest.write_pattern("vda", 0x77, 64 * 2**20, 4 * 2**20)
+
+        step("Wait for the timer's next firing: an incremental backup")
+        second = wait_for_run(manager, service, first["ExecMainStartTimestampMonotonic"])
+        if second.get("Result") != "success":
+            print(manager.log(400))
+            raise SystemExit(f"demo: {service} failed: {second}")
+        if len(journal_records("BACKUP_TYPE=incremental")) < 1:
+            raise SystemExit("demo: no incremental backup in the journal")
+        # Nothing more by timer: what follows must see these two backups.
+        on_host("systemctl", "--user", "stop", f"virt-dup@{job}.timer")
+
+        step("What an admin sees: the jobs, every virt-dup timer, the journal")
+        # TODO(issue 12, branch status): `virt-dup status` here once it is
+        # merged: next run, last success and its age, freshness.
+        on_host(str(VIRT_DUP), "list-jobs", name)
+        on_host("systemctl", "--user", "list-timers", "--all", "virt-dup*")
+        journal_records("-o", "verbose", "--output-fields=MESSAGE_ID,ACTION,RESULT,DOMAIN")
+
+        step("A forced failure: the job's backend is gone from virt-dup.yml, the run fails")
+        configured = config.read_text()
+        config.write_text(configured.replace(f"backends:\n  local: file://{work}/backend\n", ""))
+        try:
+            on_host("systemctl", "--user", "start", service, ok_codes=(1,))
+        finally:
+            config.write_text(configured)
+        on_host("systemctl", "--user", "list-units", "--failed", "--no-pager", "virt-dup*")
+        if len(journal_records("RESULT=failed")) != 1:
+            raise SystemExit("demo: the failed run is not in the journal exactly once")
+        alert = f"virt-dup-alert@{service}.service"
+        # TODO(issue 12, branch alerts): an `alerts:` URL in virt-dup.yml
+        # pointing at a local HTTP receiver on 127.0.0.1, and the check that
+        # its JSON body names the domain, the job and the error line.
+        wait_for_run(manager, alert)
+        on_host("systemctl", "--user", "status", "--no-pager", "-n", "3", alert, ok_codes=(0, 3))
+        manager.systemctl("reset-failed", service, check=False)
+
+        step("What exists on the backend: the full and the incremental")
         on_host(str(VIRT_DUP), "backups", name)
 
-        step("Restore the chain into a new directory and compare it with the live disk")
+        step("Restore the latest backup into a new directory and compare it with the live disk")
         target = work / "restored"
         on_host(str(VIRT_DUP), "restore", name, "--target-dir", str(target))
         restored_top = target / "vda" / top.name
         show(["qemu-img", "info", "--backing-chain", str(restored_top)])
         show(["qemu-img", "compare", "-U", str(top), str(restored_top)])
-        print("\ndemo: the restored chain equals the domain's disk; cleaning up", flush=True)
+        show(["qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x77 64M 4M", str(restored_top)])
+        print("\ndemo: the restored chain equals the domain's disk, with the guest's write;")
+        print("demo: cleaning up", flush=True)
     return 0
 
 

@@ -54,6 +54,7 @@ from virt_dup.duplicity.collection import full_is_due
 from virt_dup.duplicity.runner import Duplicity, find_executable
 from virt_dup.duplicity.target import Target, environment
 from virt_dup.libvirt.connection import Hypervisor
+from virt_dup.systemd import journal
 
 pytestmark = pytest.mark.integration
 
@@ -352,7 +353,25 @@ def test_the_boot_unit_recovers_a_killed_run(
     run.wait(10)
     assert on_overlay(vm) and environment.run_record(vm.uuid).exists()
 
-    user_manager.systemctl("start", "virt-dup-recover.service")  # oneshot: returns when done
+    with user_manager.journald():
+        user_manager.systemctl("start", "virt-dup-recover.service")  # oneshot: returns when done
+        listed = user_manager.run(
+            ["journalctl", "--no-pager", "-o", "json", "-t", "virt-dup", f"DOMAIN={vm.name}"]
+        ).stdout
+        everything = user_manager.run(["journalctl", "--no-pager", "-o", "json"]).stdout
+    # One record of the recovery, and its lines not printed again on the unit's stdout.
+    (recovered,) = [json.loads(line) for line in listed.splitlines()]
+    assert recovered["MESSAGE_ID"] == journal.MESSAGE_RECOVERY
+    assert (recovered["ACTION"], recovered["RESULT"]) == ("recover", "success")
+    assert recovered["DOMAIN_UUID"] == vm.uuid
+    assert recovered["MESSAGE"].startswith(f"recovery of domain {vm.name}: ")
+    entries = [json.loads(line) for line in everything.splitlines()]
+    from_unit = [
+        str(entry.get("MESSAGE"))
+        for entry in entries
+        if str(entry.get("_SYSTEMD_CGROUP", "")).endswith("/virt-dup-recover.service")
+    ]
+    assert not [message for message in from_unit if message.startswith("recovered:")], from_unit
 
     shown = user_manager.systemctl(
         "show", "virt-dup-recover.service", "--property=Result", "--property=ExecMainStatus"

@@ -73,6 +73,8 @@ class RunResult(journal.Outcome):
     """What a run did; becomes the journal record and the status file."""
 
     ACTION = "backup"
+    MESSAGE_ID = journal.MESSAGE_BACKUP_DONE
+    FAILED_MESSAGE_ID = journal.MESSAGE_BACKUP_FAILED
 
     full: bool | None = None
     disks: list[str] = field(default_factory=list)

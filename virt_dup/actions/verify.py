@@ -55,12 +55,17 @@ DEFAULT_SCRATCH_PARENT = "/var/tmp"
 class VerifyFailed(VirtDupError):
     """The backup did not verify (its result is recorded already)."""
 
+    def __init__(self, result: VerifyResult) -> None:
+        super().__init__(result.summary())
+        self.result = result
+
 
 @dataclass
 class VerifyResult(journal.Outcome):
     """What a verification found."""
 
     ACTION = "verify"
+    MESSAGE_ID = journal.MESSAGE_VERIFY
 
     backup_id: str = "?"
     files: int = 0
@@ -128,7 +133,7 @@ def verify(
     except NoBackups:
         raise  # nothing to verify is not a verdict on a backup (exit 3)
     except VirtDupError:
-        raise VerifyFailed(result.summary()) from None
+        raise VerifyFailed(result) from None
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return result

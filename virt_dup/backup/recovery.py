@@ -26,6 +26,7 @@ from virt_dup.errors import VirtDupError
 from virt_dup.files import signals_deferred
 from virt_dup.images.chain import read_chain
 from virt_dup.libvirt.connection import Hypervisor
+from virt_dup.systemd import journal
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,29 @@ def recover_domain(
     SIGTERM/SIGINT wait until the domain is merged (no block job is left
     mirroring), then raise :class:`~virt_dup.files.Interrupted`.
     """
-    with signals_deferred("recovery stopped after merging"):
-        return _recover_domain(hypervisor, store, domain, timeout_seconds)
+    try:
+        with signals_deferred("recovery stopped after merging"):
+            done = _recover_domain(hypervisor, store, domain, timeout_seconds)
+    except VirtDupError as error:
+        _record_recovery(domain, "failed", f"recovery of domain {domain.name()} failed: {error}")
+        raise
+    if done:
+        line = f"recovery of domain {domain.name()}: {'; '.join(done)}"
+        _record_recovery(domain, "success", line)
+    return done
+
+
+def _record_recovery(domain: libvirt.virDomain, result: str, message: str) -> None:
+    """The journal record of a recovery that did something, or failed."""
+    journal.record(
+        message,
+        priority=journal.PRIORITY_ERR if result == "failed" else journal.PRIORITY_NOTICE,
+        MESSAGE_ID=journal.MESSAGE_RECOVERY,
+        ACTION="recover",
+        RESULT=result,
+        DOMAIN=domain.name(),
+        DOMAIN_UUID=domain.UUIDString(),
+    )
 
 
 def _recover_domain(

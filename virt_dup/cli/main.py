@@ -38,6 +38,7 @@ from virt_dup.errors import (
     VirtDupError,
 )
 from virt_dup.libvirt.connection import Hypervisor
+from virt_dup.systemd.journal import Outcome
 from virt_dup.systemd.manager import ServiceManager
 from virt_dup.systemd.units import InstallSettings
 
@@ -359,7 +360,7 @@ def cmd_run(context: Context) -> int:
             end_progress()
         results.append(result)
         if not arguments.json:
-            print(result.summary())
+            output.print_summary(result)
     if arguments.json:
         output.print_json("run", {"runs": [result.as_json() for result in results]})
     return EXIT_OK
@@ -370,8 +371,8 @@ def cmd_recover(context: Context) -> int:
     from virt_dup.backup.state import StateStore
 
     done, errors = recover_all(context.hypervisor, StateStore.of(context.config))
-    for line in done:
-        print(f"recovered: {line}")
+    # Each domain's recovery has a journal record saying the same.
+    output.print_lines([f"recovered: {line}" for line in done])
     for line in errors:
         print(f"{PROGRAM}: error: {line}", file=sys.stderr)
     if not done and not errors:
@@ -459,7 +460,7 @@ def cmd_restore(context: Context) -> int:
     if arguments.json:
         output.print_json("restore", result.as_json())
     else:
-        print(result.summary())
+        output.print_summary(result)
     if result.defined:
         sync_after_job_change(context)
     return EXIT_OK
@@ -483,7 +484,7 @@ def cmd_verify(context: Context) -> int:
     if arguments.json:
         output.print_json("verify", result.as_json())
     else:
-        print(result.summary())
+        output.print_summary(result)
     return EXIT_OK
 
 
@@ -578,7 +579,10 @@ def _main(
     except VirtDupError as error:
         if debug:
             traceback.print_exc()
-        print(f"{PROGRAM}: error: {error}", file=sys.stderr)
+        recorded = getattr(error, "result", None)  # a run's or verification's outcome
+        if not (isinstance(recorded, Outcome) and recorded.in_journal_of(sys.stderr)):
+            # (under systemd its journal record already says it)
+            print(f"{PROGRAM}: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print(f"{PROGRAM}: interrupted", file=sys.stderr)

@@ -22,6 +22,7 @@ from virt_dup.cli.arguments import PROGRAM
 from virt_dup.duplicity.protocol import BackupProgress
 from virt_dup.errors import UsageError
 from virt_dup.files import human_size
+from virt_dup.systemd.journal import JOURNAL_SOCKET, Outcome, is_journal_stream
 
 log = logging.getLogger("virt_dup")
 
@@ -40,6 +41,25 @@ def print_json(verb: str, document: Mapping[str, Any], out: TextIO | None = None
     out = out if out is not None else sys.stdout
     json.dump({"schema": json_schema(verb), **document}, out, indent=2)
     out.write("\n")
+
+
+def print_summary(outcome: Outcome, out: TextIO | None = None) -> None:
+    """The outcome's summary line, unless its journal record already put it
+    in the journal that ``out`` (stdout) writes to: under systemd a run
+    logs its summary once."""
+    stream = out if out is not None else sys.stdout
+    if not outcome.in_journal_of(stream):
+        print(outcome.summary(), file=stream)
+
+
+def print_lines(lines: Sequence[str], out: TextIO | None = None) -> None:
+    """Lines whose journal records (:func:`virt_dup.systemd.journal.record`)
+    already say the same, unless ``out`` is the journal they went to."""
+    stream = out if out is not None else sys.stdout
+    if is_journal_stream(stream) and (JOURNAL_SOCKET.exists() or is_journal_stream(sys.stderr)):
+        return
+    for line in lines:
+        print(line, file=stream)
 
 
 def format_table(rows: Sequence[Sequence[str]]) -> list[str]:

@@ -339,6 +339,7 @@ class RestoreResult(journal.Outcome):
     """What a restore did."""
 
     ACTION = "restore"
+    MESSAGE_ID = journal.MESSAGE_RESTORE
 
     backup_id: str = "?"
     disks: list[str] = field(default_factory=list)

@@ -359,3 +359,34 @@ def test_a_fifo_or_a_huge_file_among_the_definitions_is_skipped_not_waited_for(
         f"skipped {directory / 'huge.xml'}: larger than 16777216 bytes",
         f"skipped {directory / 'zero.xml'}: not a regular file",
     ]
+
+
+def test_every_service_of_a_job_names_its_domain_like_its_timer() -> None:
+    config = parse_config("", Path("c.yml"))
+    xml = (
+        b"<domain type='kvm'><name>vm01</name><uuid>5f1c1b0e-2f5e-4c1a-9a53-1d2f0c8b7a61</uuid>"
+        b"<metadata><virt-dup:instance xmlns:virt-dup='https://www.github.com/spencerharmon/virt-dup'>"
+        b"<virt-dup:job uuid='11111111-2222-4333-8444-555555555555' schedule='0 2 * * *' "
+        b"full_schedule='0 3 * * 0' description='mail 50%'><virt-dup:dev>vda</virt-dup:dev>"
+        b"</virt-dup:job></virt-dup:instance></metadata></domain>"
+    )
+    generated = render_units(config, [("vm01.xml", xml)])
+    job = "11111111-2222-4333-8444-555555555555"
+    descriptions = {
+        prefix: generated.files[f"{prefix}@{job}.service.d/40-virt-dup-description.conf"]
+        for prefix in ("virt-dup", "virt-dup-full", "virt-dup-verify")
+    }
+    assert descriptions["virt-dup"].splitlines()[1:] == [
+        "[Unit]",
+        "Description=virt-dup backup of vm01 (vda): mail 50%%",
+    ]
+    assert (
+        "Description=virt-dup full backup of vm01 (vda): mail 50%%"
+        in descriptions["virt-dup-full"].splitlines()
+    )
+    assert (
+        "Description=virt-dup verification of vm01 (vda): mail 50%%"
+        in descriptions["virt-dup-verify"].splitlines()
+    )
+    timer = generated.files[f"virt-dup@{job}.timer"]
+    assert "Description=virt-dup backup of vm01 (vda): mail 50%%" in timer.splitlines()

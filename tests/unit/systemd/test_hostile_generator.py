@@ -31,6 +31,7 @@ INJECTED = "x&#10;[Service]&#10;ExecStart=/bin/sh -c evil"
 
 #: Every directive a generated timer may hold (and the sections it may open).
 DIRECTIVES = {
+    # Timers; and each job's services' description drop-in (40-virt-dup-description.conf).
     "[Unit]": {"Description", "Documentation", "PartOf"},
     "[Timer]": {
         "OnCalendar",
@@ -349,11 +350,15 @@ def test_free_text_reaches_a_timer_only_escaped(data: bytes, description_part: s
     assert generated.warnings == []
     for name, text in generated.files.items():
         assert_clean_unit(name, text)
-    text = generated.files[f"virt-dup@{HOSTILE_JOB}.timer"]
-    (description,) = [line for line in text.split("\n") if line.startswith("Description=")]
-    assert description_part.rstrip("\n") in description
-    if description_part.endswith("\n"):
-        assert description.endswith(description_part.rstrip("\n"))
+    for unit in (
+        f"virt-dup@{HOSTILE_JOB}.timer",
+        f"virt-dup@{HOSTILE_JOB}.service.d/40-virt-dup-description.conf",
+    ):
+        text = generated.files[unit]
+        (description,) = [line for line in text.split("\n") if line.startswith("Description=")]
+        assert description_part.rstrip("\n") in description, unit
+        if description_part.endswith("\n"):
+            assert description.endswith(description_part.rstrip("\n")), unit
 
 
 IGNORED = [

@@ -6,15 +6,22 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import sys
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from virt_dup.actions.run import RunResult
+from virt_dup.actions.verify import VerifyResult
+from virt_dup.cli.output import print_summary
 from virt_dup.errors import VirtDupError
+from virt_dup.restore.workspace import RestoreResult
 from virt_dup.systemd import journal
 
 JOB = "11111111-2222-4333-8444-555555555555"
@@ -327,3 +334,129 @@ def test_finish_keeps_the_message_unless_given_one() -> None:
     assert outcome.message == "set by the action"
     outcome.finish("failed", "now this")
     assert outcome.message == "now this"
+
+
+# -- MESSAGE_ID and ACTION: what journalctl filters on ----------------------------------
+def test_every_kind_of_record_has_its_own_fixed_message_id() -> None:
+    ids = list(journal.MESSAGE_IDS.values())
+    assert sorted(journal.MESSAGE_IDS) == sorted(
+        ["backup done", "backup failed", "restore", "verify", "recovery"]
+    )
+    assert len(set(ids)) == len(ids)
+    for message_id in ids:
+        assert re.fullmatch(r"[0-9a-f]{32}", message_id)
+        assert uuid.UUID(message_id).version == 4  # made once, at random: no collisions
+
+
+@pytest.mark.parametrize(
+    ("outcome", "result", "message_id", "action"),
+    [
+        (RunResult(JOB, "vm01", full=True), "success", journal.MESSAGE_BACKUP_DONE, "backup"),
+        (RunResult(JOB, "vm01", full=False), "failed", journal.MESSAGE_BACKUP_FAILED, "backup"),
+        (RunResult(JOB, "vm01"), "skipped", journal.MESSAGE_BACKUP_DONE, "backup"),
+        (RestoreResult(JOB, "vm01"), "success", journal.MESSAGE_RESTORE, "restore"),
+        (RestoreResult(JOB, "vm01"), "failed", journal.MESSAGE_RESTORE, "restore"),
+        (VerifyResult(JOB, "vm01"), "success", journal.MESSAGE_VERIFY, "verify"),
+        (VerifyResult(JOB, "vm01"), "failed", journal.MESSAGE_VERIFY, "verify"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_an_actions_record_names_its_kind_action_result_job_and_domain(
+    no_journal: None,
+    capsys: pytest.CaptureFixture[str],
+    outcome: journal.Outcome,
+    result: str,
+    message_id: str,
+    action: str,
+) -> None:
+    outcome.finish(result, "disk vda: no such file" if result != "success" else None)
+    outcome.record()
+    [(message, fields)] = journal_lines(capsys)
+    assert message == outcome.summary()
+    assert fields["MESSAGE_ID"] == message_id
+    assert fields["ACTION"] == action
+    assert fields["RESULT"] == result
+    assert fields["JOB_UUID"] == JOB
+    assert fields["DOMAIN"] == "vm01"
+    assert "DURATION_SEC" in fields
+
+
+@pytest.mark.parametrize("value", ["backup-done", "FC1CE2470F30485E8B13A9FC121D76C6", "0" * 31])
+def test_record_refuses_a_message_id_that_is_no_128_bit_id(tmp_path: Path, value: str) -> None:
+    stream = io.StringIO()
+    with pytest.raises(ValueError, match="MESSAGE_ID"):
+        journal.record("x", socket=tmp_path / "no-socket", stream=stream, MESSAGE_ID=value)
+    assert stream.getvalue() == ""
+
+
+def test_record_refuses_to_change_its_syslog_identifier(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a journal field name"):
+        journal.record("x", socket=tmp_path / "no-socket", SYSLOG_IDENTIFIER="sshd")
+
+
+# -- the summary reaches the journal once ----------------------------------------------
+def journal_stream(path: Path, monkeypatch: pytest.MonkeyPatch) -> io.TextIOWrapper:
+    """A file that systemd would have connected as the service's journal stream."""
+    stream = path.open("w")
+    status = os.fstat(stream.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
+    return stream
+
+
+def test_a_stream_is_the_journal_only_when_journal_stream_names_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with journal_stream(tmp_path / "journal", monkeypatch) as stream:
+        assert journal.is_journal_stream(stream)
+        with (tmp_path / "redirected").open("w") as other:  # a child's output, redirected
+            assert not journal.is_journal_stream(other)
+        assert not journal.is_journal_stream(io.StringIO())
+        assert not journal.is_journal_stream(stream, {})
+        assert not journal.is_journal_stream(stream, {"JOURNAL_STREAM": "garbage"})
+
+
+def test_under_systemd_the_summary_is_not_printed_again(
+    no_journal: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No journald: the record goes to stderr, which is the journal stream like stdout.
+    with journal_stream(tmp_path / "journal", monkeypatch) as stream:
+        monkeypatch.setattr(sys, "stderr", stream)
+        outcome = Copied(JOB, "vm01", files=2)
+        with journal.recorded(outcome):
+            pass
+        print_summary(outcome, stream)
+    lines = (tmp_path / "journal").read_text().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"virt-dup: copied 2 file(s) of job {JOB} [")
+
+
+def test_on_a_terminal_or_a_pipe_the_summary_is_printed(
+    no_journal: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with journal_stream(tmp_path / "journal", monkeypatch) as stream:
+        monkeypatch.setattr(sys, "stderr", stream)
+        outcome = Copied(JOB, "vm01", files=2)
+        with journal.recorded(outcome):
+            pass
+        out = io.StringIO()  # stdout redirected away from the journal
+        print_summary(outcome, out)
+    assert out.getvalue() == f"copied 2 file(s) of job {JOB}\n"
+
+
+def test_a_summary_not_recorded_yet_is_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with journal_stream(tmp_path / "journal", monkeypatch) as stream:
+        print_summary(Copied(JOB, "vm01", files=1, result="success"), stream)
+    assert (tmp_path / "journal").read_text() == f"copied 1 file(s) of job {JOB}\n"
+
+
+def test_virt_dup_8_documents_every_message_id_and_field_of_a_record() -> None:
+    page = (Path(__file__).resolve().parents[3] / "man" / "virt-dup.8").read_text()
+    journal_section = page[page.index(".SH JOURNAL") : page.index(".SH EXIT STATUS")]
+    for message_id in journal.MESSAGE_IDS.values():
+        assert message_id in journal_section
+    outcome = RunResult(JOB, "vm01")
+    fields = ["MESSAGE_ID", "JOB_UUID", "DOMAIN", "ACTION", "RESULT", "DURATION_SEC"]
+    for name in [*fields, *outcome.details(), *RestoreResult(JOB).details()]:
+        assert f".B {name}" in journal_section or f" {name}" in journal_section, name
