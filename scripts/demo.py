@@ -14,11 +14,12 @@
    up (encrypted, full); a journald of the manager's own records it, once;
 5. the guest writes (QEMU's HMP `qemu-io` through its own virtio disk), and
    the timer's next firing makes an incremental that holds the write;
-6. what an admin sees: the jobs, every virt-dup timer, the journal records
-   by `JOB_UUID=` (TODO: `virt-dup status` from branch status);
+6. what an admin sees: `virt-dup status` (next run, last success and its
+   age, freshness), every virt-dup timer, the journal records by `JOB_UUID=`;
 7. a forced failure (the job's backend taken out of virt-dup.yml): the
    failure record, the service failed under its domain's name, the alert unit started by
-   `OnFailure=` (TODO: a local webhook receiving it, branch alerts);
+   `OnFailure=`, and the alert it sends through apprise reaching a local
+   webhook on 127.0.0.1 with the domain, the job and the error line;
 8. `virt-dup backups` lists both backups; `virt-dup restore --target-dir`
    rebuilds the chain, which must equal the domain's disk in guest view
    (`qemu-img compare`, with the guest's write) — the demo fails loudly
@@ -28,12 +29,15 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -135,6 +139,41 @@ def make_gpg_key(home: Path) -> str:
     return next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
 
 
+def start_webhook(cleanup: ExitStack) -> tuple[list[bytes], int]:
+    """A local HTTP receiver on 127.0.0.1 for the alerts: (the bodies it got, its port)."""
+    received: list[bytes] = []
+
+    class Webhook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Webhook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cleanup.callback(server.server_close)
+    cleanup.callback(server.shutdown)
+    return received, server.server_address[1]
+
+
+def show_alert(webhook: list[bytes], name: str, job: str) -> None:
+    """The alert the webhook got; exits the demo when none came in 30 s or it
+    does not name the domain and the job."""
+    deadline = time.monotonic() + 30
+    while not webhook and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not webhook:
+        raise SystemExit("demo: the alert did not reach the local webhook")
+    message = json.loads(webhook[0])
+    print(f"the webhook on 127.0.0.1 got: {message['title']}")
+    print(message["message"], end="")
+    if name not in message["message"] or job not in message["message"]:
+        raise SystemExit("demo: the alert does not name the domain and the job")
+
+
 def unit_state(manager: UserManager, unit: str) -> dict[str, str]:
     output = manager.systemctl(
         "show", unit, "-p", "ActiveState", "-p", "Result", "-p", "ExecMainStartTimestampMonotonic"
@@ -170,6 +209,8 @@ def main() -> int:
             subprocess.run, ["gpgconf", "--homedir", str(gnupg), "--kill", "all"], check=False
         )
 
+        webhook, webhook_port = start_webhook(cleanup)
+
         step(f"A throw-away domain {name}: base.qcow2 <- {name}.qcow2, running")
         cleanup.callback(shutil.rmtree, images, True)
         cleanup.callback(subprocess.run, ["virsh", "-q", "undefine", name], capture_output=True)
@@ -186,6 +227,7 @@ def main() -> int:
             f"backends:\n  local: file://{work}/backend\n"
             f"encryption:\n  keys: [{fingerprint}]\n  gnupg_home: {gnupg}\n"
             f"state_dir: {work}/state\ncache_dir: {work}/cache\n"
+            f"alerts:\n  urls: [json://127.0.0.1:{webhook_port}/alert]\n  events: [failure]\n"
         )
         print(config.read_text(), end="")
 
@@ -281,9 +323,7 @@ def main() -> int:
         on_host("systemctl", "--user", "stop", f"virt-dup@{job}.timer")
 
         step("What an admin sees: the jobs, every virt-dup timer, the journal")
-        # TODO(issue 12, branch status): `virt-dup status` here once it is
-        # merged: next run, last success and its age, freshness.
-        on_host(str(VIRT_DUP), "list-jobs", name)
+        on_host(str(VIRT_DUP), "status", name)
         on_host("systemctl", "--user", "list-timers", "--all", "virt-dup*")
         journal_records("-o", "verbose", "--output-fields=MESSAGE_ID,ACTION,RESULT,DOMAIN")
 
@@ -298,11 +338,9 @@ def main() -> int:
         if len(journal_records("RESULT=failed")) != 1:
             raise SystemExit("demo: the failed run is not in the journal exactly once")
         alert = f"virt-dup-alert@{service}.service"
-        # TODO(issue 12, branch alerts): an `alerts:` URL in virt-dup.yml
-        # pointing at a local HTTP receiver on 127.0.0.1, and the check that
-        # its JSON body names the domain, the job and the error line.
         wait_for_run(manager, alert)
         on_host("systemctl", "--user", "status", "--no-pager", "-n", "3", alert, ok_codes=(0, 3))
+        show_alert(webhook, name, job)
         manager.systemctl("reset-failed", service, check=False)
 
         step("What exists on the backend: the full and the incremental")
