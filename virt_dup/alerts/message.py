@@ -13,22 +13,19 @@ from typing import Any
 
 from virt_dup.errors import UsageError
 from virt_dup.libvirt.metadata import is_valid_uuid
+from virt_dup.systemd.generator import CHECK_SERVICE, RECOVER_SERVICE, RELOAD_SERVICE, TIMER_KINDS
 
 #: What systemd allows in a unit name (``unit_name_is_valid``), and a bound.
 _UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\@-]{1,255}")
 
 #: Template units whose instance is a job uuid, and what one run of them does.
-JOB_UNITS = {
-    "virt-dup": "backup",
-    "virt-dup-full": "full backup",
-    "virt-dup-verify": "verification",
-}
+JOB_UNITS = {kind.prefix: kind.what for kind in TIMER_KINDS}
 
 #: Static units, and what they do.
 HOST_UNITS = {
-    "virt-dup-recover.service": "boot-time recovery of interrupted runs",
-    "virt-dup-reload.service": "sync of the timers with the jobs",
-    "virt-dup-check.service": "freshness check of the backups",
+    RECOVER_SERVICE: "boot-time recovery of interrupted runs",
+    RELOAD_SERVICE: "sync of the timers with the jobs",
+    CHECK_SERVICE: "freshness check of the backups",
 }
 
 

@@ -35,6 +35,8 @@ TIMERS_TARGET = "timers.target"
 RECOVER_SERVICE = "virt-dup-recover.service"
 #: The daily freshness check (``virt-dup status --check --alert``).
 CHECK_SERVICE = "virt-dup-check.service"
+#: What virt-dup-reload.path starts: ``virt-dup sync-timers``.
+RELOAD_SERVICE = "virt-dup-reload.service"
 #: The drop-in that says what a service may write (``ReadWritePaths=``).
 PATHS_DROP_IN = "50-virt-dup-paths.conf"
 #: The drop-in that names the job's domain in each service's ``Description=``.

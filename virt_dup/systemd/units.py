@@ -29,6 +29,7 @@ from virt_dup.libvirt.metadata import is_valid_uuid
 from virt_dup.systemd.generator import (
     CHECK_SERVICE,
     RECOVER_SERVICE,
+    RELOAD_SERVICE,
     TARGET,
     TIMER_KINDS,
     file_backend_directory,
@@ -42,7 +43,6 @@ SOURCE_ROOT = Path(__file__).resolve().parents[2]
 SHARE_NAME = "virt-dup"
 
 
-RELOAD_SERVICE = "virt-dup-reload.service"
 ALERT_SERVICE = "virt-dup-alert@.service"
 
 #: Static units, installed as they are (after placeholders).
