@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ import libvirt
 import pytest
 from harness.backups import BackupEnvironment, sha256
 from harness.domains import MIB, DiskSpec, ScratchDomain, remove_domain
+from harness.sshd import SshServer
 
 pytestmark = pytest.mark.integration
 
@@ -380,56 +379,15 @@ def test_a_two_disk_domain_restored_as_a_copy_next_to_the_original(
 
 
 @pytest.fixture
-def sftp_server(tmp_path, require, monkeypatch):
-    """sshd on 127.0.0.1 (a free port) with root's key login, for sftp:// backends.
-
-    Yields the URL prefix ``sftp://root@127.0.0.1:PORT/``; ``HOME`` points at a
-    directory whose ``.ssh`` holds the client key and the server's host key, where
-    duplicity's paramiko backend looks for them.
-    """
-    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-    require(os.access(sshd, os.X_OK), "sshd not installed (openssh-server)")
-    directory = tmp_path / "sshd"
-    home = tmp_path / "home"
-    (home / ".ssh").mkdir(parents=True)
-    directory.mkdir()
-    for key in ("host", "client"):
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / key)],
-            check=True,
-        )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    (directory / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {directory / 'host'}\n"
-        f"AuthorizedKeysFile {directory / 'client.pub'}\nPasswordAuthentication no\n"
-        "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\n"
-        "Subsystem sftp internal-sftp\n"
-    )
-    shutil.copy(directory / "client", home / ".ssh" / "id_ed25519")
-    host_key = (directory / "host.pub").read_text().split()[:2]
-    (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{port} {' '.join(host_key)}\n")
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
-    server = subprocess.Popen(
-        [sshd, "-D", "-e", "-f", str(directory / "sshd_config")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def sftp_server(tmp_path, monkeypatch):
+    """sshd on 127.0.0.1 with root's key login; yields ``sftp://root@127.0.0.1:PORT/``."""
+    server = SshServer(tmp_path / "sshd", tmp_path / "home")
+    server.start()
+    monkeypatch.setenv("HOME", str(server.home))
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "sshd did not start"
-                time.sleep(0.05)
-        monkeypatch.setenv("HOME", str(home))
-        yield f"sftp://root@127.0.0.1:{port}/"
+        yield f"sftp://root@127.0.0.1:{server.port}/"
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop()
 
 
 def test_backups_and_restore_over_sftp(make_domain, environment, tmp_path, sftp_server) -> None:
