@@ -38,12 +38,20 @@ from virt_dup.backup.overlay import (
     create_overlays,
     merge_overlay,
 )
-from virt_dup.backup.plan import DiskPlan, Plan, check_complete, make_plan, wait_past_last_backup
+from virt_dup.backup.plan import (
+    Destination,
+    DiskPlan,
+    Plan,
+    check_complete,
+    make_plan,
+    wait_past_last_backup,
+)
 from virt_dup.backup.recovery import PendingMerge, pending_recovery, recover_domain
 from virt_dup.backup.state import RunRecord, StateStore
 from virt_dup.config.load import Config
 from virt_dup.config.options import interval_length, masked_url
 from virt_dup.duplicity.collection import Collection
+from virt_dup.duplicity.copy import copy_collection
 from virt_dup.duplicity.protocol import BackupProgress
 from virt_dup.duplicity.runner import Duplicity
 from virt_dup.errors import LibvirtError, VirtDupError
@@ -81,6 +89,8 @@ class RunResult(journal.Outcome):
     bytes_read: int = 0
     bytes_uploaded: int = 0
     backup_time: str | None = None
+    #: Per destination (its masked URL): ``result`` and ``message`` of this run.
+    destinations: dict[str, dict[str, object]] = field(default_factory=dict)
 
     @property
     def kind(self) -> str | None:
@@ -335,9 +345,46 @@ class _Run:
                     self._merge_back(plan, record)
         if backup_error is not None:
             raise backup_error
-        self.duplicity.apply_retention(plan.target, plan.options, collection=collection_after)
+        self.duplicity.apply_retention(
+            plan.target, plan.retention or plan.options, collection=collection_after
+        )
+        shown = masked_url(plan.backend_url)
+        result.destinations[shown] = {"result": "success", "message": "backed up"}
+        outcomes = [self._copy_to(plan, mirror, result) for mirror in plan.mirrors]
+        failed = [line for line in outcomes if line is not None]
+        if failed:
+            # The backup itself is whole on the first destination (and on every
+            # mirror not named): the run fails so that the unit and its alert say
+            # that a destination lacks it.
+            raise VirtDupError(
+                f"backed up {', '.join(result.disks)} to {shown}, but not to " + "; ".join(failed)
+            )
         result.result = "success"
-        result.message = f"backed up {', '.join(result.disks)} to {masked_url(plan.backend_url)}"
+        result.message = f"backed up {', '.join(result.disks)} to " + ", ".join(result.destinations)
+
+    def _copy_to(self, plan: Plan, mirror: Destination, result: RunResult) -> str | None:
+        """Copy the first destination's new sets to ``mirror``, then apply its
+        retention; returns a line saying why it failed (None: it did not)."""
+        shown = masked_url(mirror.url)
+        try:
+            copied = copy_collection(
+                plan.target, mirror.target, self.config.cache_directory / mirror.target.name
+            )
+            self.duplicity.apply_retention(
+                mirror.target, mirror.retention, collection=copied.collection
+            )
+        except VirtDupError as error:
+            result.destinations[shown] = {"result": "failed", "message": str(error)}
+            return f"{shown} ({error})"
+        message = f"copied {copied.sets} backup set(s), {human_size(copied.bytes)}"
+        if copied.skipped:
+            message += (
+                f"; {len(copied.skipped)} older set(s) could not be copied: the sets they "
+                "continue are gone from the first destination"
+            )
+            log.warning("job %s: destination %s: %s", plan.job.uuid, shown, message)
+        result.destinations[shown] = {"result": "success", "message": message}
+        return None
 
     def _copy(
         self, plan: Plan, record: RunRecord, result: RunResult, domain_xml: str

@@ -67,6 +67,8 @@ class JobStatus:
     freshness: fresh.Freshness
     now: datetime
     backend: BackendSummary | None = None
+    #: Each destination of a job with several (the first one too), by masked URL.
+    destinations: tuple[DestinationStatus, ...] = ()
 
     @property
     def last_success_time(self) -> datetime | None:
@@ -121,6 +123,9 @@ class JobStatus:
                 "warn_after_seconds": _seconds(self.thresholds.warn),
                 "crit_after_seconds": _seconds(self.thresholds.crit),
             },
+            "destinations": {
+                destination.backend: destination.as_json() for destination in self.destinations
+            },
             "backend": None
             if self.backend is None
             else {
@@ -130,6 +135,49 @@ class JobStatus:
                 "latest": None if self.backend.latest is None else self.backend.latest.isoformat(),
             },
         }
+
+
+@dataclass(frozen=True)
+class DestinationStatus:
+    """How fresh one destination of a job is: its last run, its last success."""
+
+    backend: str
+    last_result: str | None
+    last_success: datetime | None
+    freshness: fresh.Freshness
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "last_result": self.last_result,
+            "last_success": None if self.last_success is None else self.last_success.isoformat(),
+            "freshness": {"state": self.freshness.mark, "reason": self.freshness.reason},
+        }
+
+
+def destination_statuses(
+    recorded: object, limits: fresh.Thresholds, now: datetime
+) -> tuple[DestinationStatus, ...]:
+    """The destinations of a status file's ``destinations`` (a run records each)."""
+    if not isinstance(recorded, dict):
+        return ()
+    found = []
+    for backend, entry in sorted(recorded.items()):
+        if not isinstance(entry, dict):
+            continue
+        last_run: dict[str, Any] = entry.get("last_run") or {}
+        result = last_run.get("result") if isinstance(last_run, dict) else None
+        last_result = result if isinstance(result, str) else None
+        success = entry.get("last_success") if isinstance(entry.get("last_success"), dict) else None
+        last_success = _time(success, "finished")
+        found.append(
+            DestinationStatus(
+                str(backend),
+                last_result,
+                last_success,
+                fresh.freshness(limits, last_success, last_result, now),
+            )
+        )
+    return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -143,6 +191,13 @@ class StatusReport:
         """(Nagios exit code, one line per problem; a summary line when none)."""
         problems = [row for row in self.jobs if row.freshness.problem]
         lines = [row.problem_line() for row in problems]
+        for row in self.jobs:
+            lines += [
+                f"{destination.freshness.mark.upper()}: job {row.job} of domain {row.domain}: "
+                f"destination {destination.backend}: {destination.freshness.reason}"
+                for destination in row.destinations
+                if destination.freshness.problem and len(row.destinations) > 1
+            ]
         lines += [f"UNKNOWN: {line}" for line in self.unknown]
         code = max((fresh.MARKS.index(row.freshness.mark) for row in problems), default=CHECK_OK)
         if self.unknown:
@@ -237,6 +292,7 @@ def job_status(
         freshness=mark,
         now=now,
         backend=backend(job),
+        destinations=destination_statuses(status.get("destinations"), limits, now),
     )
 
 

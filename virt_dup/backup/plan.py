@@ -75,6 +75,22 @@ class DiskPlan:
 
 
 @dataclass(frozen=True)
+class Destination:
+    """One more place a job's backups go: a copy of the first destination's."""
+
+    url: str
+    target: Target
+    #: Its retention: its own entry in virt-dup.yml over the job's options.
+    retention: JobOptions
+
+
+def destination(config: Config, job_uuid: str, options: JobOptions, url: str) -> Destination:
+    """The job's collection on backend ``url`` with that backend's retention."""
+    retention = config.backend_settings_of(url).retention.over(options)
+    return Destination(url, job_target(config, job_uuid, options, url), retention)
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything decided before the domain is touched."""
 
@@ -89,6 +105,10 @@ class Plan:
     collection: Collection = field(default_factory=lambda: Collection(()))
     #: An interrupted backup left a partial set (discarded unless this is a dry run).
     interrupted_backup: bool = False
+    #: The job's other destinations: they get copies of what ``target`` holds.
+    mirrors: tuple[Destination, ...] = ()
+    #: The retention of the first destination (its own entry over the job's).
+    retention: JobOptions | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The plan as ``run --dry-run --json`` prints it (no secret: the URL is masked)."""
@@ -97,6 +117,7 @@ class Plan:
             "domain": {"name": self.job.domain_name, "uuid": self.job.domain_uuid},
             "domain_running": self.domain_running,
             "backend": masked_url(self.backend_url),
+            "mirrors": [masked_url(mirror.url) for mirror in self.mirrors],
             "type": "full" if self.full else "incremental",
             "depth": self.options.depth or 0,
             "interrupted_backup": self.interrupted_backup,
@@ -119,6 +140,7 @@ class Plan:
             f"({'full' if self.full else 'incremental'} backup)",
             f"depth: {self.options.depth}",
         ]
+        lines += [f"then copied to: {masked_url(mirror.url)}" for mirror in self.mirrors]
         if self.interrupted_backup:
             lines.append("an interrupted backup left a partial backup set: it will be deleted")
         for disk in self.disks:
@@ -173,8 +195,9 @@ def make_plan(
             f"job {job.uuid}: no backend: set backends on the job or defaults.backends in "
             f"{config.path}"
         )
-    backend_url = config.backend_url(backends[0])
-    target = job_target(config, job.uuid, options, backend_url)
+    urls = list(dict.fromkeys(config.backend_url(backend) for backend in backends))
+    first, *others = (destination(config, job.uuid, options, url) for url in urls)
+    backend_url, target = first.url, first.target
     interrupted = partial_files(target)
     if dry_run:
         directory = file_url_path(target.url)
@@ -201,6 +224,8 @@ def make_plan(
         target,
         collection=collection,
         interrupted_backup=bool(interrupted or collection.incomplete_sets),
+        mirrors=tuple(others),
+        retention=first.retention,
     )
 
 

@@ -191,6 +191,17 @@ class StateStore:
                 status["last_full"] = result
         elif result.get("result") == "failed":
             status["last_error"] = result
+        # Each destination's own freshness: a run that failed only to copy to one
+        # still made a backup on the others.
+        destinations = status.setdefault("destinations", {})
+        for backend, outcome in (result.get("destinations") or {}).items():
+            entry = destinations.setdefault(backend, {})
+            entry["last_run"] = {**outcome, "finished": result.get("finished")}
+            if outcome.get("result") == "success":
+                entry["last_success"] = {
+                    "finished": result.get("finished"),
+                    "backup_time": result.get("backup_time"),
+                }
         write_atomically(self.status_path(job_uuid), json.dumps(status, indent=2), mode=0o644)
         return status
 

@@ -164,6 +164,26 @@ def print_status(rows: Sequence[JobStatus], backend: bool, out: TextIO | None = 
         table.append(tuple(cells))
     for line in format_table(table):
         out.write(f"{line}\n")
+    for row in rows:
+        if len(row.destinations) < 2:
+            continue
+        out.write(f"\njob {row.job} destinations:\n")
+        for destination in row.destinations:
+            success = (
+                "never"
+                if destination.last_success is None
+                else (
+                    f"{_when(destination.last_success)} "
+                    f"({format_age(row.now - destination.last_success)} ago)"
+                )
+            )
+            mark = destination.freshness.mark
+            if destination.freshness.reason:
+                mark += f": {destination.freshness.reason}"
+            out.write(
+                f"  {destination.backend}: last {destination.last_result or '?'}, "
+                f"last success {success}, {mark}\n"
+            )
 
 
 def _disk_summary(disk: ManifestDisk) -> str:

@@ -27,6 +27,7 @@ from virt_dup.config.options import (
     is_backend_url,
     masked_url,
     parse_options,
+    split_password,
 )
 from virt_dup.errors import ConfigError
 
@@ -93,6 +94,23 @@ class RestoreSettings:
     require_signature: bool = False
 
 
+#: What a backend's own entry may say besides its URL: the retention options
+#: (each destination of a job keeps as many backups as its own entry says) and
+#: where its password is (never the URL in this file).
+BACKEND_RETENTION_OPTIONS = ("full_retention", "incremental_retention", "max_age")
+_BACKEND_KEYS = ("url", *BACKEND_RETENTION_OPTIONS, "password_file")
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """What a named backend says besides its URL (``backends.NAME`` as a mapping)."""
+
+    #: Retention of this destination; unset options are the job's.
+    retention: JobOptions = JobOptions()
+    #: Root-only file with the backend's password (duplicity's ``FTP_PASSWORD``).
+    password_file: Path | None = None
+
+
 #: What may raise an alert (``alerts.events``; not ``on``, which YAML 1.1 reads
 #: as true): a failed virt-dup unit, a job whose backups are not fresh
 #: (``virt-dup status --check --alert``).
@@ -126,6 +144,8 @@ class Config:
     scope: str = "system"
     libvirt: LibvirtSettings = LibvirtSettings()
     backends: Mapping[str, str] = field(default_factory=dict)
+    #: Per named backend: its retention and password file (absent: the job's, none).
+    backend_settings: Mapping[str, BackendSettings] = field(default_factory=dict)
     encryption: EncryptionSettings = EncryptionSettings()
     policy: PolicySettings = PolicySettings()
     restore: RestoreSettings = RestoreSettings()
@@ -227,6 +247,13 @@ class Config:
                 f"{self.path}: backends: no backend named {name_or_url!r} ({known})"
             ) from None
 
+    def backend_settings_of(self, url: str) -> BackendSettings:
+        """The settings of the named backend whose URL is ``url`` (none: defaults)."""
+        for name, backend_url in self.backends.items():
+            if backend_url == url:
+                return self.backend_settings.get(name, BackendSettings())
+        return BackendSettings()
+
 
 def check_policy(config: Config, own: JobOptions, where: str) -> None:
     """Raises :class:`ConfigError` (one line naming ``where``, e.g. the job) when a
@@ -260,19 +287,23 @@ def check_policy(config: Config, own: JobOptions, where: str) -> None:
 
 def read_passphrase(config: Config) -> str | None:
     """The GPG passphrase from its root-only file, or None when none is configured."""
-    path = config.encryption.passphrase_file
+    return read_secret(config.encryption.passphrase_file, "passphrase")
+
+
+def read_secret(path: Path | None, what: str) -> str | None:
+    """The first line of a secret file that only its owner may read (None: no file)."""
     if path is None:
         return None
     try:
         status = path.stat()
         if status.st_mode & 0o077:
             raise ConfigError(
-                f"{path}: the passphrase file is readable by others (mode "
+                f"{path}: the {what} file is readable by others (mode "
                 f"{status.st_mode & 0o777:o}); chmod 600 it"
             )
         return path.read_text().rstrip("\n")
     except OSError as error:
-        raise ConfigError(f"{path}: cannot read the passphrase file: {error.strerror}") from None
+        raise ConfigError(f"{path}: cannot read the {what} file: {error.strerror}") from None
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> tuple[Path, bool]:
@@ -424,7 +455,9 @@ class _Loader:
             raise self.error("scope", "system or user", scope)
 
         libvirt = self.libvirt(sections.get("libvirt"), legacy)
-        backends = self.backends(sections.get("backends"), legacy.get(("backends", None)))
+        backends, backend_settings = self.backends(
+            sections.get("backends"), legacy.get(("backends", None))
+        )
         encryption = self.encryption(sections.get("encryption"))
         policy = self.policy(sections.get("policy"))
         restore = self.restore(sections.get("restore"))
@@ -446,6 +479,10 @@ class _Loader:
             ("libvirt.password_file", libvirt.password_file),
             ("encryption.passphrase_file", encryption.passphrase_file),
             ("alerts.urls_file", alerts.urls_file),
+            *(
+                (f"backends.{name}.password_file", settings.password_file)
+                for name, settings in backend_settings.items()
+            ),
         ):
             self.check_private(key, secret)
         return Config(
@@ -453,6 +490,7 @@ class _Loader:
             scope=scope,
             libvirt=libvirt,
             backends=backends,
+            backend_settings=backend_settings,
             encryption=encryption,
             policy=policy,
             restore=restore,
@@ -571,9 +609,13 @@ class _Loader:
             config_dir=self.optional_path(section, "config_dir", "libvirt."),
         )
 
-    def backends(self, value: object, legacy: object) -> dict[str, str]:
+    def backends(
+        self, value: object, legacy: object
+    ) -> tuple[dict[str, str], dict[str, BackendSettings]]:
+        """``backends:``: name -> URL, or name -> a mapping with ``url`` and the
+        backend's own retention and password file."""
         if value is None and legacy is None:
-            return {}
+            return {}, {}
         if value is not None and legacy is not None:
             raise self.error("backends", "either backends or duplicity-backends, not both")
         where = "backends" if value is not None else "duplicity-backends"
@@ -583,16 +625,40 @@ class _Loader:
             source = {self.text(url, where): url for url in source}
         section = self.mapping(source, where)
         backends: dict[str, str] = {}
-        for name, url in section.items():
+        settings: dict[str, BackendSettings] = {}
+        for name, entry in section.items():
             if "://" not in name and not BACKEND_NAME.match(name):
                 raise self.error(
                     f"{where}.{name}", "a name of ASCII letters, digits, '.', '-' and '_'"
                 )
+            url = entry
+            if isinstance(entry, dict):
+                settings[name] = self.backend_settings(entry, f"{where}.{name}")
+                url = entry.get("url")
             url_text = self.text(url, f"{where}.{name}")
             if not is_backend_url(url_text):
                 raise self.error(f"{where}.{name}", "a duplicity URL such as file:///srv/b", url)
+            password_file = settings[name].password_file if name in settings else None
+            if password_file is not None and split_password(url_text)[1] is not None:
+                raise self.error(
+                    f"{where}.{name}.url", "no password in the URL when password_file is set"
+                )
             backends[name] = url_text
-        return backends
+        if len(set(backends.values())) < len(backends):
+            raise self.error(where, "a different URL for each backend")
+        return backends, settings
+
+    def backend_settings(self, entry: dict[str, Any], where: str) -> BackendSettings:
+        for key in entry:
+            if key not in _BACKEND_KEYS:
+                raise self.unknown(f"{where}.", key, _BACKEND_KEYS)
+        if "url" not in entry:
+            raise self.error(f"{where}.url", "the backend's duplicity URL")
+        retention = {key: entry[key] for key in BACKEND_RETENTION_OPTIONS if key in entry}
+        options = parse_options(retention, f"{self.path}: {where}").options
+        return BackendSettings(
+            retention=options, password_file=self.optional_path(entry, "password_file", where + ".")
+        )
 
     def encryption(self, value: object) -> EncryptionSettings:
         section = self.mapping(value, "encryption")

@@ -7,11 +7,12 @@ and are masked in every log line and error.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from virt_dup.config.load import Config, read_passphrase
+from virt_dup.config.load import Config, read_passphrase, read_secret
 from virt_dup.config.options import ENCRYPTION_MODES, JobOptions, masked_url, split_password
 from virt_dup.errors import ConfigError
 
@@ -67,6 +68,8 @@ class Target:
     volsize: int = DEFAULT_VOLSIZE_MB
     num_retries: int | None = None
     tempdir: Path | None = None
+    #: The backend's password from its password file (else one in ``url``).
+    password: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.encryption not in ENCRYPTION_MODES:
@@ -110,15 +113,20 @@ def environment(target: Target) -> dict[str, str]:
         variables["PASSPHRASE"] = target.passphrase or ""
         if target.sign_key:
             variables["SIGN_PASSPHRASE"] = target.passphrase or ""
-    password = split_password(target.url)[1]
+    password = backend_password(target)
     if password is not None:
         variables["FTP_PASSWORD"] = password
     return variables
 
 
+def backend_password(target: Target) -> str | None:
+    """The backend's password: its password file's, else the one in its URL."""
+    return target.password if target.password is not None else split_password(target.url)[1]
+
+
 def secrets(target: Target) -> tuple[str, ...]:
     """Values to mask wherever duplicity's command or output is shown."""
-    values = (target.passphrase, split_password(target.url)[1])
+    values = (target.passphrase, backend_password(target))
     return tuple(value for value in values if value)
 
 
@@ -129,6 +137,22 @@ def job_backend_url(backend_url: str, job_uuid: str) -> str:
     --backend URL`` finds every job on a backend by listing it.
     """
     return backend_url.rstrip("/") + "/" + job_uuid
+
+
+def cache_name(job_uuid: str, options: JobOptions, config: Config, backend_url: str) -> str:
+    """duplicity's ``--name`` (the cache directory) of a job's collection on ``backend_url``.
+
+    duplicity makes its cache match the backend it is given, deleting what
+    that backend lacks: a job's collections on several backends (its
+    destinations, a migration's target, a ``--backend`` read) each need a
+    cache of their own.  The first backend of the job keeps the plain job
+    uuid, as before there were several.
+    """
+    backends = options.backends or ()
+    if backends and config.backend_url(backends[0]) == backend_url:
+        return job_uuid
+    digest = hashlib.sha256(split_password(backend_url)[0].encode()).hexdigest()[:12]
+    return f"{job_uuid}.{digest}"
 
 
 def job_target(
@@ -156,19 +180,21 @@ def job_target(
                 f"job {job_uuid}: backups are encrypted (encryption: gpg) but no key is "
                 f"configured: set encryption.keys in {config.path} or encryption=none on the job"
             )
+    name = cache_name(job_uuid, options, config, backend_url)
     return Target(
         url=job_backend_url(backend_url, job_uuid),
         # duplicity keeps its cache in <archive_dir>/<name>
         archive_dir=config.cache_directory,
-        name=job_uuid,
+        name=name,
         # Volumes are staged in the job's own cache, not /tmp: what a killed
         # duplicity leaves there is found and removed by the next run.
-        tempdir=config.cache_directory / job_uuid,
+        tempdir=config.cache_directory / name,
         encryption=encryption,
         encrypt_keys=keys,
         sign_key=config.encryption.sign_key if encryption == "gpg" else None,
         gnupg_home=config.gnupg_directory,
         passphrase=read_passphrase(config),
+        password=read_secret(config.backend_settings_of(backend_url).password_file, "password"),
     )
 
 

@@ -98,6 +98,7 @@ def test_as_status_has_the_status_file_keys(monkeypatch: pytest.MonkeyPatch) -> 
     result.finish("success", "backed up vda to file:///backup")
     status = result.as_status()
     assert set(status) == {
+        "destinations",
         "job_uuid",
         "domain",
         "result",

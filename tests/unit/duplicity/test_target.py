@@ -55,7 +55,7 @@ def test_a_gpg_job_target_from_the_config() -> None:
         f"  keys: [{CONFIGURED_KEY}]\n  sign_key: '0xcccccccc'\n  gnupg_home: /etc/virt-dup/gnupg\n"
     )
 
-    target = job_target(config, JOB, effective(config), "file:///srv/backups")
+    target = job_target(config, JOB, effective(config, backends=("local",)), "file:///srv/backups")
 
     assert target.url == f"file:///srv/backups/{JOB}"
     assert target.name == JOB
@@ -110,7 +110,7 @@ def test_reading_needs_no_recipient_key(tmp_path: Path) -> None:
 
 def test_an_isolated_target_has_a_cache_of_its_own(tmp_path: Path) -> None:
     config = config_with(f"  keys: [{CONFIGURED_KEY}]\n")
-    target = job_target(config, JOB, effective(config), "file:///srv/backups")
+    target = job_target(config, JOB, effective(config, backends=("local",)), "file:///srv/backups")
 
     alone = isolated(target, tmp_path / "scratch-cache")
 
@@ -124,6 +124,41 @@ def test_an_isolated_target_has_a_cache_of_its_own(tmp_path: Path) -> None:
         target.encrypt_keys,
     )
     assert target.archive_dir == CACHE  # the original is unchanged
+
+
+def test_each_backend_of_a_job_has_a_cache_of_its_own() -> None:
+    """duplicity makes a cache match the backend it is given: the job's first backend
+    keeps the plain job uuid (the caches made before several backends existed), every
+    other backend gets one named by its URL (not by its password)."""
+    config = config_with(f"  keys: [{CONFIGURED_KEY}]\n")
+    options = effective(config, backends=("local", "sftp://u@h/b"))
+    first = job_target(config, JOB, options, "file:///srv/backups")
+    other = job_target(config, JOB, options, "sftp://u@h/b")
+    same_other = job_target(config, JOB, options, "sftp://u:pw@h/b")
+    assert first.name == JOB and first.tempdir == CACHE / JOB
+    assert other.name.startswith(JOB + ".") and other.name != first.name
+    assert other.tempdir == CACHE / other.name
+    assert same_other.name == other.name
+
+
+def test_a_password_file_gives_the_backend_password(tmp_path: Path) -> None:
+    password = tmp_path / "offsite.password"
+    password.write_text("s3cret\n")
+    password.chmod(0o600)
+    config = parse_config(
+        f"cache_dir: {CACHE}\nencryption:\n  keys: [{CONFIGURED_KEY}]\nbackends:\n"
+        f"  offsite:\n    url: sftp://backup@host/b\n    password_file: {password}\n"
+        "    full_retention: 6\n",
+        Path("/etc/virt-dup/virt-dup.yml"),
+    )
+    target = job_target(config, JOB, effective(config), "sftp://backup@host/b")
+    assert environment(target)["FTP_PASSWORD"] == "s3cret"
+    assert secrets(target) == ("s3cret",)
+    assert "s3cret" not in repr(target)
+    assert config.backend_settings_of("sftp://backup@host/b").retention.full_retention == 6
+    password.chmod(0o640)
+    with pytest.raises(ConfigError, match="readable by others"):
+        job_target(config, JOB, effective(config), "sftp://backup@host/b")
 
 
 # -- passwords in URLs -----------------------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""A job with two destinations: a local file:// one and an off-site sftp:// one
+(a real sshd on 127.0.0.1).  One run reads the disks once and both hold the
+same backup; each keeps its own retention; the off-site one going down fails
+the run for it alone, and the next run catches it up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from harness.backups import BackupEnvironment, fill
+from harness.sshd import SshServer
+from test_restore import backups_json, guest_view, prepared, same_guest_view
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def sshd(tmp_path, monkeypatch):
+    server = SshServer(tmp_path / "sshd", tmp_path / "home")
+    server.start()
+    monkeypatch.setenv("HOME", str(server.home))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def set_files(directory: Path) -> set[str]:
+    """The duplicity files of a collection directory (no lock files)."""
+    if not directory.is_dir():
+        return set()
+    return {path.name for path in directory.iterdir() if path.name.startswith("duplicity-")}
+
+
+def fulls(names: set[str]) -> list[str]:
+    return sorted(name for name in names if name.endswith(".manifest.gpg") and "-full." in name)
+
+
+def manifests(names: set[str]) -> list[str]:
+    return sorted(name for name in names if name.endswith(".manifest.gpg"))
+
+
+def test_two_destinations_one_read_own_retention_and_catching_up(
+    make_domain, environment: BackupEnvironment, tmp_path: Path, sshd: SshServer
+) -> None:
+    offsite = tmp_path / "offsite"
+    offsite_url = sshd.sftp_url(offsite)
+    local = f"  local: file://{environment.backend}\n"
+    config = (
+        environment.config.read_text()
+        .replace(local, f"{local}  offsite:\n    url: {offsite_url}\n    full_retention: 1\n")
+        .replace("  backends: [local]\n", "  backends: [local, offsite]\n")
+    )
+    environment.config.write_text(config)
+    vm = prepared(make_domain, running=False)
+    top = vm.images["vda"][-1]
+    job = environment.virt_dup("add-job", vm.name).stdout.strip()
+    local_dir, offsite_dir = environment.backend / job, offsite / job
+
+    environment.virt_dup("run", job)
+    fill(top, 0x61, 0, 1 << 20)
+    environment.virt_dup("run", job)
+    # The same files on both: copies of what the one backup wrote, byte for byte.
+    assert (
+        set_files(local_dir) == set_files(offsite_dir) and len(manifests(set_files(local_dir))) == 2
+    )
+    for name in set_files(local_dir):
+        assert (local_dir / name).read_bytes() == (offsite_dir / name).read_bytes(), name
+
+    # The off-site destination goes down: the run fails for it alone.
+    sshd.stop()
+    fill(top, 0x62, 2 << 20, 1 << 20)
+    view = guest_view(top, tmp_path / "view-3.qcow2")
+    failed = environment.virt_dup("run", job, check=False)
+    assert failed.returncode != 0
+    line = failed.stderr.splitlines()[-1]
+    assert line.startswith("virt-dup: error: ") and "python" not in failed.stderr, failed.stderr
+    assert "backed up vda to file://" in line and f"but not to {offsite_url}" in line
+    assert len(manifests(set_files(local_dir))) == 3  # the local backup is whole
+    assert len(manifests(set_files(offsite_dir))) == 2
+    assert vm.disk_source("vda") == top  # back on its own chain
+    assert vm.disk_source("vda", inactive=True) == top
+    status = json.loads(environment.virt_dup("status", job, "--json").stdout)
+    (row,) = status["jobs"]
+    destinations = row["destinations"]
+    assert destinations[f"file://{environment.backend}"]["last_result"] == "success"
+    assert destinations[offsite_url]["last_result"] == "failed"
+    assert row["last_run"]["result"] == "failed"
+
+    # An interrupted copy is replaced: the newest set on the off-site lost its manifest.
+    sshd.start()
+    newest = manifests(set_files(offsite_dir))[-1]
+    (offsite_dir / newest).unlink()
+    environment.virt_dup("run", job)
+    assert set_files(local_dir) == set_files(offsite_dir)  # caught up: 4 sets on both
+    assert len(manifests(set_files(offsite_dir))) == 4
+    (listing,) = backups_json(environment, "--backend", offsite_url)
+    third = listing["backups"][2]["id"]
+    restored = tmp_path / "from-offsite"
+    environment.virt_dup(
+        "restore", vm.name, third, "--backend", offsite_url, "--target-dir", str(restored)
+    )
+    assert same_guest_view(restored / "vda" / top.name, view)
+
+    # A new chain: the local destination keeps two (the default), the off-site one.
+    environment.virt_dup("run", job, "--full")
+    assert len(fulls(set_files(local_dir))) == 2
+    assert len(fulls(set_files(offsite_dir))) == 1
+    assert len(manifests(set_files(offsite_dir))) == 1
+    latest = guest_view(top, tmp_path / "view-latest.qcow2")
+    newest_restore = tmp_path / "latest-from-offsite"
+    environment.virt_dup(
+        "restore", vm.name, "--backend", offsite_url, "--target-dir", str(newest_restore)
+    )
+    assert same_guest_view(newest_restore / "vda" / top.name, latest)
