@@ -12,6 +12,10 @@
                   checkout installed by ``scripts/install --root`` into a
                   scratch tree, once per session, removed at its end; the
                   ``user_manager`` fixtures mount it on /opt/virt-dup.
+``session_user``  a :class:`harness.session_user.SessionUser`: a temporary
+                  non-root user (group kvm) whose commands run the
+                  installation's virt-dup; removed after the test with their
+                  session libvirtd, domains and files.
 
 Example::
 
@@ -52,6 +56,7 @@ from harness.domains import (
     sweep_session,
 )
 from harness.install import Installation, install_tree
+from harness.session_user import SessionUser, temporary_user
 
 
 @pytest.fixture(scope="session")
@@ -150,3 +155,15 @@ def make_domain(
 def environment(tmp_path: Path, gpg_home) -> BackupEnvironment:
     """A virt-dup.yml with a file:// backend, a throw-away GPG key, private state and cache."""
     return BackupEnvironment.create(tmp_path, gpg_home.path, gpg_home.fingerprint)
+
+
+@pytest.fixture
+def session_user(
+    installation: Installation, require: Callable[[bool, str], None]
+) -> Iterator[SessionUser]:
+    """A temporary non-root user with a ``qemu:///session`` of their own; see
+    :mod:`harness.session_user`.  Removed after the test, passed or failed."""
+    require(os.geteuid() == 0, "making a temporary user needs root")
+    require(shutil.which("useradd") is not None, "useradd not installed (package passwd)")
+    with temporary_user(installation) as user:
+        yield user

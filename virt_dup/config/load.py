@@ -157,6 +157,21 @@ class Config:
     randomized_delay: str | None = None
     #: Deprecation notices found while loading (printed once by the CLI).
     notices: tuple[str, ...] = ()
+    #: Whom virt-dup runs as (injectable, like a clock): the directory defaults of
+    #: a user other than root are that user's own, whatever the scope.
+    euid: int = field(default_factory=os.geteuid, repr=False, compare=False)
+
+    @property
+    def per_user(self) -> bool:
+        """True when state and cache default to the XDG directories of the user:
+        scope ``user``, or a user other than root (who cannot write ``/var/lib``
+        or ``/var/cache``, and whose ``qemu:///session`` domains are their own)."""
+        return self.scope == "user" or self.euid != 0
+
+    @property
+    def session_uri(self) -> bool:
+        """True when the libvirt URI is a local session daemon's (a user's own domains)."""
+        return urllib.parse.urlsplit(self.libvirt_uri).path.rstrip("/") == "/session"
 
     @property
     def libvirt_uri(self) -> str:
@@ -173,7 +188,7 @@ class Config:
         """
         if self.libvirt.config_dir:
             return self.libvirt.config_dir
-        if urllib.parse.urlsplit(self.libvirt_uri).path.rstrip("/") == "/session":
+        if self.session_uri:
             config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
             return Path(config_home) / "libvirt" / "qemu"
         return Path("/etc/libvirt/qemu")
@@ -182,7 +197,7 @@ class Config:
     def state_directory(self) -> Path:
         if self.state_dir:
             return self.state_dir
-        if self.scope == "user":
+        if self.per_user:
             state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local/state")
             return Path(state_home) / "virt-dup"
         return Path(os.environ.get("STATE_DIRECTORY", "/var/lib/virt-dup"))
@@ -216,10 +231,15 @@ class Config:
     @property
     def lock_directory(self) -> Path:
         """Where runs lock domains: one place per host (and per user for the
-        user scope, whose domains are the user's own), on a tmpfs that a boot
-        empties."""
-        if self.scope == "user":
-            runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+        user scope, or a non-root user's session domains, which are that user's
+        own), on a tmpfs that a boot empties.
+
+        A non-root user on ``qemu:///system`` still locks in the host's place
+        (and fails there when it may not write it), never in a place of its own
+        that root's runs of the same domains would not see.
+        """
+        if self.scope == "user" or (self.euid != 0 and self.session_uri):
+            runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{self.euid}"
             return Path(runtime) / "virt-dup" / "locks"
         return Path("/run/virt-dup/locks")
 
@@ -227,7 +247,7 @@ class Config:
     def cache_directory(self) -> Path:
         if self.cache_dir:
             return self.cache_dir
-        if self.scope == "user":
+        if self.per_user:
             cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
             return Path(cache_home) / "virt-dup"
         return Path(os.environ.get("CACHE_DIRECTORY", "/var/cache/virt-dup"))

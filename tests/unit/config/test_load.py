@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,75 @@ def test_libvirt_config_dir_follows_the_uri_not_the_scope(monkeypatch: pytest.Mo
     user_with_system_vms = parse_config("scope: user\nlibvirt:\n  uri: qemu:///system\n", PATH)
     assert user_with_system_vms.libvirt_config_dir == Path("/etc/libvirt/qemu")
     assert parse_config("", PATH).libvirt_config_dir == Path("/etc/libvirt/qemu")
+
+
+@pytest.fixture
+def xdg_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", "/home/u/.local/state")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/home/u/.cache")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+
+
+@pytest.mark.usefixtures("xdg_environment")
+def test_root_in_the_system_scope_keeps_the_host_directories() -> None:
+    config = dataclasses.replace(parse_config("", PATH), euid=0)
+    assert config.state_directory == Path("/var/lib/virt-dup")
+    assert config.cache_directory == Path("/var/cache/virt-dup")
+    assert config.lock_directory == Path("/run/virt-dup/locks")
+
+
+@pytest.mark.usefixtures("xdg_environment")
+def test_a_user_other_than_root_on_the_session_gets_the_xdg_directories() -> None:
+    config = dataclasses.replace(
+        parse_config("libvirt:\n  uri: qemu:///session\n", PATH), euid=1000
+    )
+    assert config.scope == "system"  # the manager: a setting of its own
+    assert config.state_directory == Path("/home/u/.local/state/virt-dup")
+    assert config.cache_directory == Path("/home/u/.cache/virt-dup")
+    assert config.lock_directory == Path("/run/user/1000/virt-dup/locks")
+
+
+@pytest.mark.usefixtures("xdg_environment")
+def test_a_user_other_than_root_on_qemu_system_still_takes_the_host_locks() -> None:
+    """Root's runs of the same domains lock there: a lock of the user's own
+    would not keep the two apart (an unwritable host lock dir fails clearly)."""
+    config = dataclasses.replace(parse_config("", PATH), euid=1000)
+    assert config.libvirt_uri == "qemu:///system"
+    assert config.state_directory == Path("/home/u/.local/state/virt-dup")
+    assert config.lock_directory == Path("/run/virt-dup/locks")
+
+
+@pytest.mark.usefixtures("xdg_environment")
+def test_the_user_scope_gets_the_xdg_directories_even_for_root() -> None:
+    config = dataclasses.replace(parse_config("scope: user\n", PATH), euid=0)
+    assert config.state_directory == Path("/home/u/.local/state/virt-dup")
+    assert config.cache_directory == Path("/home/u/.cache/virt-dup")
+    assert config.lock_directory == Path("/run/user/1000/virt-dup/locks")
+
+
+def test_xdg_defaults_fall_back_to_the_home_and_the_uid(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("XDG_STATE_HOME", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = dataclasses.replace(
+        parse_config("libvirt:\n  uri: qemu:///session\n", PATH), euid=1234
+    )
+    assert config.state_directory == tmp_path / ".local/state/virt-dup"
+    assert config.cache_directory == tmp_path / ".cache/virt-dup"
+    assert config.lock_directory == Path("/run/user/1234/virt-dup/locks")
+
+
+@pytest.mark.usefixtures("xdg_environment")
+def test_named_directories_win_over_every_default() -> None:
+    config = dataclasses.replace(
+        parse_config("state_dir: /srv/state\ncache_dir: /srv/cache\n", PATH), euid=1000
+    )
+    assert config.state_directory == Path("/srv/state")
+    assert config.cache_directory == Path("/srv/cache")
 
 
 def test_a_secret_file_others_can_read_gets_a_notice(tmp_path: Path) -> None:
