@@ -1,0 +1,47 @@
+"""A named backend as a mapping: its URL, its own retention, its password file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from virt_dup.config.load import parse_config
+from virt_dup.errors import ConfigError
+
+PATH = Path("/etc/virt-dup/virt-dup.yml")
+
+
+def test_a_backend_may_carry_its_own_retention_and_password_file() -> None:
+    config = parse_config(
+        "backends:\n  local: file:///srv/b\n  offsite:\n    url: sftp://u@h//b\n"
+        "    full_retention: 6\n    max_age: 1Y\n    password_file: /etc/virt-dup/offsite.pw\n",
+        PATH,
+    )
+    assert config.backends == {"local": "file:///srv/b", "offsite": "sftp://u@h//b"}
+    offsite = config.backend_settings_of("sftp://u@h//b")
+    assert (offsite.retention.full_retention, offsite.retention.max_age) == (6, "1Y")
+    assert offsite.retention.incremental_retention is None  # the job's
+    assert offsite.password_file == Path("/etc/virt-dup/offsite.pw")
+    assert config.backend_settings_of("file:///srv/b").retention.full_retention is None
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("    full_retention: 2\n", "backends.offsite.url: expected the backend's duplicity URL"),
+        ("    url: sftp://u@h//b\n    retention: 2\n", "backends.offsite.retention: unknown key"),
+        ("    url: sftp://u@h//b\n    full_retention: -1\n", "full_retention"),
+        ("    url: sftp://u@h//b\n    password_file: relative\n", "an absolute path"),
+        (
+            "    url: sftp://u:pw@h//b\n    password_file: /etc/p\n",
+            "no password in the URL when password_file is set",
+        ),
+        ("    url: file:///srv/b\n", "a different URL for each backend"),
+    ],
+)
+def test_bad_backend_entries_are_refused_with_one_line(entry: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f"backends:\n  local: file:///srv/b\n  offsite:\n{entry}", PATH)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert "pw@" not in str(caught.value)
