@@ -19,7 +19,7 @@ from virt_dup.cli.completion import (
     complete_key_files,
 )
 from virt_dup.config.load import SCOPES
-from virt_dup.config.options import OPTIONS, is_backend_url
+from virt_dup.config.options import BACKEND_NAME, OPTIONS, is_backend_url
 from virt_dup.errors import UsageError
 
 PROGRAM = "virt-dup"
@@ -39,11 +39,13 @@ if TYPE_CHECKING:
 
 
 def backend_url(text: str) -> str:
-    """``--backend URL``: a duplicity URL (``scheme://...``, no blanks), so that it
-    can never be read as an option by duplicity or the listing helper."""
-    if not is_backend_url(text):
+    """``--backend NAME|URL``: a backend of virt-dup.yml or a duplicity URL
+    (``scheme://...``, no blanks), so that it can never be read as an option by
+    duplicity or the listing helper."""
+    if not (is_backend_url(text) or BACKEND_NAME.fullmatch(text)):
         raise argparse.ArgumentTypeError(
-            f"{text[:60]!r} is not a duplicity URL such as file:///srv/backups"
+            f"{text[:60]!r} is neither a backend name nor a duplicity URL such as "
+            "file:///srv/backups"
         )
     return text
 
@@ -521,6 +523,35 @@ def add_verify(subparsers: Subparsers) -> ArgumentParser:
     )
     add_json_option(verify)
     return verify
+
+
+def add_migrate_backend(subparsers: Subparsers) -> ArgumentParser:
+    """``virt-dup migrate-backend``."""
+    migrate = subparsers.add_parser(
+        "migrate-backend",
+        help="move a job's backups to another backend and switch the job to it",
+        description="Copy every backup of the job JOB_UUID from its first backend to BACKEND "
+        "(any duplicity scheme to any other, file by file), check there that duplicity lists "
+        "the same backups and that the latest one restores and matches its checksums, then "
+        "make BACKEND the job's first backend and delete the job's files from the old one "
+        "(unless --keep-source). Nothing is deleted before the check passed; interrupted, "
+        "the same command finishes the migration. No backup of the domain runs meanwhile.",
+    )
+    migrate.add_argument("job", metavar="JOB_UUID").completer = complete_jobs  # type: ignore[attr-defined]
+    migrate.add_argument(
+        "--to",
+        metavar="NAME|URL",
+        type=backend_url,
+        required=True,
+        help="the backend to move to: a name from virt-dup.yml or a duplicity URL",
+    )
+    migrate.add_argument(
+        "--keep-source",
+        action="store_true",
+        help="leave the job's files on the old backend (the job no longer uses it)",
+    )
+    add_json_option(migrate)
+    return migrate
 
 
 def add_help(subparsers: Subparsers) -> ArgumentParser:

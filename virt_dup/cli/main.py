@@ -488,6 +488,25 @@ def cmd_verify(context: Context) -> int:
     return EXIT_OK
 
 
+def cmd_migrate_backend(context: Context) -> int:
+    from virt_dup.actions.migrate import migrate_backend
+
+    arguments = context.arguments
+    result = migrate_backend(
+        context.config,
+        context.hypervisor,
+        arguments.job,
+        arguments.to,
+        keep_source=arguments.keep_source,
+        report=lambda line: log.info("%s", line),
+    )
+    if arguments.json:
+        output.print_json("migrate-backend", result.as_json())
+    else:
+        print(result.summary())
+    return EXIT_OK
+
+
 def cmd_help(context: Context) -> int:
     parser = context.arguments.parser
     verb = context.arguments.verb
@@ -522,6 +541,7 @@ VERBS: dict[str, cli_arguments.Verb] = {
     "backups": (cli_arguments.add_backups, cmd_backups),
     "restore": (cli_arguments.add_restore, cmd_restore),
     "verify": (cli_arguments.add_verify, cmd_verify),
+    "migrate-backend": (cli_arguments.add_migrate_backend, cmd_migrate_backend),
     "help": (cli_arguments.add_help, cmd_help),
 }
 

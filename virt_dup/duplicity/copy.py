@@ -21,6 +21,7 @@ onto the set it continues: a target never gets a chain with a hole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from virt_dup.config.options import split_password
 from virt_dup.duplicity.collection import BackupSet, Chain, Collection
-from virt_dup.duplicity.listing import duplicity_interpreter, list_backend
+from virt_dup.duplicity.listing import duplicity_interpreter, file_url_path, list_backend
 from virt_dup.duplicity.target import Target, environment, secrets
 from virt_dup.duplicity.times import parse_time
 from virt_dup.errors import CommandError
@@ -273,3 +274,48 @@ def _copy_environment(source: Target) -> Mapping[str, str | None]:
     # Each backend's password comes on stdin; a copy decrypts nothing.
     variables.update(FTP_PASSWORD=None, PASSPHRASE=None, SIGN_PASSPHRASE=None)
     return variables
+
+
+_DELETE_SCRIPT = """
+import json, os, sys
+from duplicity import backend, config, log
+log.setup()
+request = json.load(sys.stdin)
+config.num_retries = request["retries"]
+backend.import_backends()
+os.environ.pop("FTP_PASSWORD", None)
+if request["password"] is not None:
+    os.environ["FTP_PASSWORD"] = request["password"]
+backend.get_backend(request["url"]).delete(request["names"])
+"""
+
+
+def delete_collection(target: Target, *, retries: int = 3) -> int:
+    """Delete the backup files of ``target``'s collection (its volumes, manifests
+    and signatures: nothing else there) through duplicity's backend; returns how
+    many.  A ``file://`` collection's directory goes too when that leaves it
+    empty.  Raises :class:`CommandError`."""
+    names = [name for name in _listing(target) if _SET_FILE.match(name)]
+    if names:
+        try:
+            run_command(
+                [*duplicity_interpreter(), "-c", _DELETE_SCRIPT],
+                environment=_copy_environment(target),
+                secrets=secrets(target),
+                timeout=COPY_TIMEOUT_S,
+                input=json.dumps(
+                    {
+                        "url": _plain(target),
+                        "password": environment(target).get("FTP_PASSWORD"),
+                        "names": names,
+                        "retries": retries,
+                    }
+                ),
+            )
+        except CommandFailed as failure:
+            raise CommandError(f"deleting from {target.display_url}: {_reason(failure)}") from None
+    directory = file_url_path(target.url)
+    if directory is not None:
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only when empty
+    return len(names)

@@ -575,6 +575,8 @@ def find_sources(
     ``job_uuid`` keeps only that job.  Raises :class:`NotFoundError`.
     """
     wanted_job = job_uuid.lower() if job_uuid else None
+    if backend_url is not None:
+        backend_url = config.backend_url(backend_url)  # a name of virt-dup.yml, or the URL
     if backend_url is not None or domain_or_job is None:
         urls = [backend_url] if backend_url is not None else configured_backend_urls(config)
         if not urls:

@@ -44,6 +44,7 @@ MINIMAL = {
     "backups": [],
     "restore": ["vm01"],
     "verify": [JOB],
+    "migrate-backend": [JOB, "--to", "file:///srv/b"],
     "help": [],
 }
 
