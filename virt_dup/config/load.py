@@ -98,7 +98,9 @@ class RestoreSettings:
 #: (each destination of a job keeps as many backups as its own entry says) and
 #: where its password is (never the URL in this file).
 BACKEND_RETENTION_OPTIONS = ("full_retention", "incremental_retention", "max_age")
-_BACKEND_KEYS = ("url", *BACKEND_RETENTION_OPTIONS, "password_file")
+_BACKEND_KEYS = ("url", *BACKEND_RETENTION_OPTIONS, "password_file", "password_credential")
+#: A systemd credential's name (``LoadCredential=NAME:...``): no slash, no blanks.
+_CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,21 @@ class BackendSettings:
     retention: JobOptions = JobOptions()
     #: Root-only file with the backend's password (duplicity's ``FTP_PASSWORD``).
     password_file: Path | None = None
+    #: Or the name of a systemd credential holding it (``$CREDENTIALS_DIRECTORY/NAME``).
+    password_credential: str | None = None
+
+    def password(self, where: str) -> str | None:
+        """The password from its file or credential (None: neither is set)."""
+        if self.password_credential is not None:
+            directory = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not directory:
+                raise ConfigError(
+                    f"{where}.password_credential: no systemd credentials here "
+                    f"($CREDENTIALS_DIRECTORY is not set): run through a unit with "
+                    f"LoadCredential={self.password_credential}:... or use password_file"
+                )
+            return read_secret(Path(directory) / self.password_credential, "credential")
+        return read_secret(self.password_file, "password")
 
 
 #: What may raise an alert (``alerts.events``; not ``on``, which YAML 1.1 reads
@@ -658,10 +675,13 @@ class _Loader:
             url_text = self.text(url, f"{where}.{name}")
             if not is_backend_url(url_text):
                 raise self.error(f"{where}.{name}", "a duplicity URL such as file:///srv/b", url)
-            password_file = settings[name].password_file if name in settings else None
-            if password_file is not None and split_password(url_text)[1] is not None:
+            has_secret = name in settings and (
+                settings[name].password_file or settings[name].password_credential
+            )
+            if has_secret and split_password(url_text)[1] is not None:
                 raise self.error(
-                    f"{where}.{name}.url", "no password in the URL when password_file is set"
+                    f"{where}.{name}.url",
+                    "no password in the URL when password_file or password_credential is set",
                 )
             backends[name] = url_text
         if len(set(backends.values())) < len(backends):
@@ -676,8 +696,18 @@ class _Loader:
             raise self.error(f"{where}.url", "the backend's duplicity URL")
         retention = {key: entry[key] for key in BACKEND_RETENTION_OPTIONS if key in entry}
         options = parse_options(retention, f"{self.path}: {where}").options
+        credential = entry.get("password_credential")
+        if credential is not None:
+            if not isinstance(credential, str) or not _CREDENTIAL_NAME.fullmatch(credential):
+                raise self.error(
+                    f"{where}.password_credential", "a systemd credential name", credential
+                )
+            if "password_file" in entry:
+                raise self.error(where, "password_file or password_credential, not both")
         return BackendSettings(
-            retention=options, password_file=self.optional_path(entry, "password_file", where + ".")
+            retention=options,
+            password_file=self.optional_path(entry, "password_file", where + "."),
+            password_credential=credential,
         )
 
     def encryption(self, value: object) -> EncryptionSettings:

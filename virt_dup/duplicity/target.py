@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from virt_dup.config.load import Config, read_passphrase, read_secret
+from virt_dup.config.load import Config, read_passphrase
 from virt_dup.config.options import ENCRYPTION_MODES, JobOptions, masked_url, split_password
 from virt_dup.errors import ConfigError
 
@@ -194,7 +194,7 @@ def job_target(
         sign_key=config.encryption.sign_key if encryption == "gpg" else None,
         gnupg_home=config.gnupg_directory,
         passphrase=read_passphrase(config),
-        password=read_secret(config.backend_settings_of(backend_url).password_file, "password"),
+        password=config.backend_settings_of(backend_url).password(f"{config.path}: backends"),
     )
 
 
