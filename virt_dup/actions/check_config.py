@@ -32,7 +32,7 @@ from virt_dup.duplicity import gpg
 from virt_dup.duplicity.gpg import Key, KeyProblem, Keyring
 from virt_dup.duplicity.listing import file_url_path, probe_backend
 from virt_dup.duplicity.runner import Duplicity
-from virt_dup.errors import VirtDupError
+from virt_dup.errors import ConfigError, VirtDupError
 from virt_dup.execute import CommandFailed, meaningful_lines
 from virt_dup.images.qemu_img import run_qemu_img
 from virt_dup.libvirt.connection import Hypervisor
@@ -277,19 +277,27 @@ def check_backends(config: Config, report: CheckReport) -> None:
     for name, url in configured_backends(config):
         shown = masked_url(url)
         label = f"backend {shown}" if name == url else f"backend {name} ({shown})"
-        problem = _backend_problem(url)
+        try:
+            password = config.backend_settings_of(url).password(f"{config.path}: backends.{name}")
+        except ConfigError as error:
+            report.problems.append(f"{label}: {error}")
+            continue
+        problem = _backend_problem(url, password)
         if problem is None:
             report.lines.append(f"{label}: reachable and writable")
         else:
             report.problems.append(f"{label}: {problem}")
 
 
-def _backend_problem(url: str) -> str | None:
+def _backend_problem(url: str, password: str | None = None) -> str | None:
     directory = file_url_path(url)
     if directory is not None:
         return _directory_problem(directory)
     try:
-        probe_backend(url)
+        if password is None:
+            probe_backend(url)
+        else:
+            probe_backend(url, {"FTP_PASSWORD": password}, (password,))
     except CommandFailed as failure:
         if failure.limit_reached:
             return f"duplicity {failure.limit_reached} reaching it: is it up and reachable?"
