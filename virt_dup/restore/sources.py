@@ -198,10 +198,13 @@ def source_for_job(config: Config, job: Job) -> BackupSource:
 
 def backend_sources(config: Config, backend_url: str) -> list[BackupSource]:
     """Every job collection on the backend ``backend_url`` (no libvirt, no local state)."""
-    names = job_directories(list_backend(backend_url))
+    password = config.backend_settings_of(backend_url).password(f"{config.path}: backends")
+    variables = {} if password is None else {"FTP_PASSWORD": password}
+    hidden = () if password is None else (password,)
+    names = job_directories(list_backend(backend_url, variables, hidden))
     sources = []
     for job_uuid in names:
-        entries = list_backend(job_backend_url(backend_url, job_uuid))
+        entries = list_backend(job_backend_url(backend_url, job_uuid), variables, hidden)
         encrypted = encrypted_on_backend(entries)
         if encrypted is None:
             encrypted = (config.defaults.encryption or "gpg") == "gpg"
