@@ -377,7 +377,7 @@ def _failure_message(
     reason = _reason(errors[-1]) if errors else _join(meaningful_lines(failure.stderr_tail))
     reason = reason or how_it_ended(code, EXIT_MEANINGS)
     if code in BACKEND_CODES:
-        return f"duplicity could not reach {where}: {reason}"
+        return f"duplicity could not reach {where}: {backend_reason(reason)}"
     if code in GPG_CODES:
         return f"duplicity {what} {where}: encryption failed: {reason}"
     if code == DuplicityExit.UNSIGNED_VOLUME:
@@ -388,6 +388,34 @@ def _failure_message(
         return f"duplicity {what} {where}: {reason}"
     meaning = EXIT_MEANINGS.get(code, "")
     return f"duplicity {what} {where} failed ({meaning or f'exit code {code}'}): {reason}"
+
+
+def backend_reason(reason: str, home: Path | None = None) -> str:
+    """duplicity's reason a backend failed, where it says less than it means.
+
+    The sftp backend (paramiko) asks on stdin whether to trust a host key
+    that no known_hosts file holds; virt-dup's stdin is ``/dev/null``, so the
+    answer is "EOF when reading a line".  A key that differs from the known
+    one is named with both keys in base64: the fact is what matters.
+    ``home``: whose ``~/.ssh`` (default: this process's ``HOME``).
+    """
+    known_hosts = (home or Path.home()) / ".ssh" / "known_hosts"
+    if re.search(r"ssh connection to \S+ failed: EOF when reading a line", reason):
+        where = reason.split(" failed:")[0]
+        return (
+            f"{where} failed: the server's host key is not in {known_hosts} nor "
+            "/etc/ssh/ssh_known_hosts (add it after checking its fingerprint, e.g. "
+            "ssh-keyscan -p PORT HOST)"
+        )
+    mismatch = re.search(r"Host key for server '?([^' ]+)'? does not match", reason)
+    if mismatch:
+        where = reason.split(" failed:")[0]
+        return (
+            f"{where} failed: the server's host key does not match the one "
+            f"{known_hosts} (or /etc/ssh/ssh_known_hosts) holds for {mismatch.group(1)}: "
+            "refused (a changed server or someone in between)"
+        )
+    return reason
 
 
 def _reason(record: LogRecord) -> str:

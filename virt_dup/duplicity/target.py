@@ -12,7 +12,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from virt_dup.config.load import Config, read_passphrase
-from virt_dup.config.options import ENCRYPTION_MODES, JobOptions, masked_url, split_password
+from virt_dup.config.options import (
+    ENCRYPTION_MODES,
+    JobOptions,
+    interval_length,
+    masked_url,
+    split_password,
+)
 from virt_dup.errors import ConfigError
 
 # Defaults chosen from bench/RESULTS.md, section "duplicity settings" (1 GiB
@@ -49,9 +55,13 @@ class Target:
     the environment.  ``compression``: gzip / gpg compression (see
     :data:`DEFAULT_COMPRESSION`).  ``max_blocksize``: librsync block size cap
     in bytes (:data:`DEFAULT_MAX_BLOCKSIZE`; ``None``: duplicity's sqrt(size)).
-    ``volsize``: volume size in MiB.  ``num_retries``: backend retries
-    (``None``: duplicity's 5, 30 s apart).  ``tempdir``: where volumes are
-    staged (``None``: ``$TMPDIR``).
+    ``volsize``: volume size in MiB.  ``num_retries``: how many times each
+    backend operation is tried (``None``: duplicity's 5); ``retry_delay``:
+    seconds between two tries (``None``: duplicity's 30); ``network_timeout``:
+    seconds one network read or write may wait (``None``: duplicity's 30 for
+    the backends that read it, and none at all for plain sockets: duplicity
+    sets the socket default only when ``--timeout`` is given).  ``tempdir``:
+    where volumes are staged (``None``: ``$TMPDIR``).
     """
 
     url: str
@@ -66,6 +76,8 @@ class Target:
     max_blocksize: int | None = DEFAULT_MAX_BLOCKSIZE
     volsize: int = DEFAULT_VOLSIZE_MB
     num_retries: int | None = None
+    retry_delay: int | None = None
+    network_timeout: int | None = None
     tempdir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -87,6 +99,13 @@ class Target:
             raise ConfigError(
                 f"max_blocksize: expected a multiple of 512, got {self.max_blocksize}"
             )
+        if self.num_retries is not None and self.num_retries < 1:
+            raise ConfigError(f"backend_retries: expected at least 1, got {self.num_retries}")
+        if self.retry_delay is not None and self.retry_delay < 0:
+            raise ConfigError(f"backend_retry_delay: expected 0s or more, got {self.retry_delay}")
+        if self.network_timeout is not None and self.network_timeout < 1:
+            # 0 would make every socket non-blocking
+            raise ConfigError(f"backend_timeout: expected at least 1s, got {self.network_timeout}s")
         if self.volsize < 1:
             raise ConfigError(f"volsize: expected at least 1 (MiB), got {self.volsize}")
 
@@ -169,7 +188,14 @@ def job_target(
         sign_key=config.encryption.sign_key if encryption == "gpg" else None,
         gnupg_home=config.gnupg_directory,
         passphrase=read_passphrase(config),
+        num_retries=options.backend_retries,
+        retry_delay=_seconds(options.backend_retry_delay),
+        network_timeout=_seconds(options.backend_timeout),
     )
+
+
+def _seconds(interval: str | None) -> int | None:
+    return None if interval is None else int(interval_length(interval).total_seconds())
 
 
 def isolated(target: Target, cache: Path) -> Target:
