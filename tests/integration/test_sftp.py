@@ -11,10 +11,14 @@ its own chain, no virt-dup overlay, no run record and no success recorded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -235,3 +239,55 @@ def test_sshd_stopped_mid_backup_fails_cleanly_and_the_next_run_succeeds(
     assert backup["type"] == "full"
     environment.virt_dup("restore", vm.name, "--target-dir", str(tmp_path / "restored"))
     assert same_guest_view(tmp_path / "restored" / "vda" / "vm.qcow2", view)
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP server on 127.0.0.1 that accepts connections and never says a word
+    (a hung sshd, a firewall that swallows the session); yields its port."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        for connection in held:
+            connection.close()
+        listener.close()
+
+
+def test_a_server_that_never_answers_fails_the_run_in_bounded_time(
+    make_domain, environment, tmp_path, silent_server, monkeypatch
+) -> None:
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    url = f"sftp://root@127.0.0.1:{silent_server}//srv/virt-dup"
+    use_backend(environment, url)
+    vm = filled_domain(make_domain, running=True)
+    job = environment.virt_dup("add-job", vm.name, *QUICK_FAILURE).stdout.strip()
+
+    started = time.monotonic()
+    finished = environment.virt_dup("run", job, check=False)
+    elapsed = time.monotonic() - started
+    print(f"silent server: failed in {elapsed:.1f} s:\n{finished.stderr}")
+    assert finished.returncode != 0
+    (line,) = error_lines(finished.stderr)
+    assert f"duplicity could not reach {url}/{job}" in line, line
+    assert "sent no SSH banner" in line
+    assert elapsed < 45
+    assert_back_on_its_chain(vm)
+    assert_failed_and_nothing_recorded(environment, vm, job, successes=0)

@@ -202,3 +202,29 @@ def isolated(target: Target, cache: Path) -> Target:
     """``target`` with a cache (and staging directory) of its own under ``cache``:
     read from the backend alone, untouched by a backup of the job meanwhile."""
     return replace(target, archive_dir=cache, tempdir=cache / target.name)
+
+
+def file_url_path(url: str) -> Path | None:
+    """The directory of a ``file://`` URL (as duplicity reads it), else None."""
+    if not url.startswith("file://"):
+        return None
+    return Path(url[len("file://") :])
+
+
+def local_directory_problem(url: str) -> str | None:
+    """Why the directory of a ``file://`` URL cannot hold a collection, else None.
+
+    duplicity makes a missing directory, but a path through a regular file
+    (``file:///srv/backup.img/JOB``) fails every operation with ENOTDIR, and
+    duplicity retries each one (5 times, 30 s apart): minutes for a mistake
+    seen at once.  Only the nearest existing part of the path is looked at.
+    """
+    directory = file_url_path(url)
+    if directory is None:
+        return None
+    for path in (directory, *directory.parents):
+        if os.path.lexists(path):
+            if not path.is_dir():
+                return f"{path} is not a directory"
+            return None
+    return None

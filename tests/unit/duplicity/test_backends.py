@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from virt_dup.duplicity import runner
 from virt_dup.duplicity.arguments import backup_arguments, collection_status_arguments
+from virt_dup.duplicity.protocol import LogRecord
 from virt_dup.duplicity.runner import backend_reason
-from virt_dup.duplicity.target import Target
+from virt_dup.duplicity.target import Target, local_directory_problem
 from virt_dup.errors import ConfigError
+from virt_dup.execute import CommandFailed
 
 UUID = "0b5e3c9e-1f0a-4e43-9d55-3a1f3f4a2c11"
 
@@ -80,7 +83,42 @@ def test_a_changed_host_key_in_words_without_the_keys() -> None:
     assert "/root/.ssh/known_hosts" in reason and "AAAA" not in reason
 
 
+def test_a_silent_server_in_words() -> None:
+    said = "ssh connection to root@127.0.0.1:2222 failed: Error reading SSH protocol banner"
+    assert backend_reason(said).endswith(
+        "sent no SSH banner within 15 s (a hung or overloaded sshd, or not an SSH server)"
+    )
+
+
 def test_other_reasons_pass_through() -> None:
     assert backend_reason("[Errno 28] No space left on device") == (
         "[Errno 28] No space left on device"
     )
+
+
+def test_a_file_backend_through_a_regular_file_is_refused_before_duplicity(
+    tmp_path: Path,
+) -> None:
+    regular = tmp_path / "backup.img"
+    regular.write_text("")
+    assert local_directory_problem(f"file://{regular}/{UUID}") == f"{regular} is not a directory"
+    assert local_directory_problem(f"file://{regular}") == f"{regular} is not a directory"
+    assert local_directory_problem(f"file://{tmp_path}/missing/{UUID}") is None  # made by duplicity
+    assert local_directory_problem(f"file://{tmp_path}") is None
+    assert local_directory_problem("sftp://nas//srv") is None
+
+
+def test_a_full_backend_is_named_full_not_unreachable() -> None:
+    failure = CommandFailed(
+        "duplicity full ... exited 53", command="duplicity full", returncode=53, stderr_tail=()
+    )
+    record = LogRecord(
+        "ERROR", 53, (), "Giving up after 2 attempts. OSError: [Errno 28] No space left on device"
+    )
+    message = runner._failure_message(
+        target(url="file:///mnt/full"), "backup to", failure, [record]
+    )
+    assert message.startswith(
+        "duplicity backup to file:///mnt/full failed: the backend is full (ENOSPC): "
+    )
+    assert message.endswith("No space left on device")
