@@ -347,6 +347,30 @@ OPTIONS: tuple[Option, ...] = (
         "30m",
     ),
     Option(
+        "backend_retries",
+        parse_count,
+        "N",
+        "How many times duplicity tries each backend operation (a connection, an upload, "
+        "a listing) before the run fails (duplicity's --num-retries).",
+        "5",
+    ),
+    Option(
+        "backend_retry_delay",
+        parse_interval,
+        "INTERVAL",
+        "How long duplicity waits between two tries of a backend operation "
+        "(duplicity's --backend-retry-delay).",
+        "30s",
+    ),
+    Option(
+        "backend_timeout",
+        parse_interval,
+        "INTERVAL",
+        "How long one network read or write to the backend may wait for an answer "
+        "(duplicity's --timeout; at least 1s).",
+        "30s",
+    ),
+    Option(
         "freshness_warn",
         parse_interval,
         "INTERVAL",
@@ -395,6 +419,9 @@ class JobOptions:
     disable_if_powered_off: bool | None = None
     quiesce: str | None = None
     stall_timeout: str | None = None
+    backend_retries: int | None = None
+    backend_retry_delay: str | None = None
+    backend_timeout: str | None = None
     freshness_warn: str | None = None
     freshness_crit: str | None = None
     description: str | None = None
@@ -430,6 +457,11 @@ BUILTIN_DEFAULTS = JobOptions(
     disable_if_powered_off=False,
     quiesce="auto",
     stall_timeout="30m",
+    # duplicity's own defaults, passed explicitly: a dead backend fails a run after
+    # about 5 x (30 s + 30 s) per operation, well inside stall_timeout.
+    backend_retries=5,
+    backend_retry_delay="30s",
+    backend_timeout="30s",
 )
 
 assert {f.name for f in dataclasses.fields(JobOptions)} == set(OPTIONS_BY_NAME)

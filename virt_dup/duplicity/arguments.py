@@ -36,6 +36,10 @@ def common_arguments(target: Target) -> tuple[str, ...]:
         arguments.append("--no-compression")
     if target.num_retries is not None:
         arguments += ["--num-retries", str(target.num_retries)]
+    if target.retry_delay is not None:
+        arguments += ["--backend-retry-delay", str(target.retry_delay)]
+    if target.network_timeout is not None:
+        arguments += ["--timeout", str(target.network_timeout)]
     if target.tempdir is not None:
         arguments += ["--tempdir", os.fspath(target.tempdir)]
     return tuple(arguments)

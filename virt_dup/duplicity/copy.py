@@ -166,7 +166,8 @@ import filecmp, json, os, sys, tempfile
 from duplicity import backend, config, log, path
 log.setup()
 request = json.load(sys.stdin)
-config.num_retries = request["retries"]
+for name, value in request["network"].items():
+    setattr(config, name, value)
 backend.import_backends()
 
 def open_backend(url, password):
@@ -205,9 +206,7 @@ class CopyResult:
     skipped: tuple[str, ...] = ()
 
 
-def copy_collection(
-    source: Target, target: Target, tempdir: Path, *, retries: int = 3
-) -> CopyResult:
+def copy_collection(source: Target, target: Target, tempdir: Path) -> CopyResult:
     """Copy every whole set of ``source`` that ``target`` lacks (see the module).
 
     Raises :class:`CommandError` naming the (masked) target when a backend
@@ -227,7 +226,7 @@ def copy_collection(
             "target_password": environment(target).get("FTP_PASSWORD"),
             "delete": list(plan.delete),
             "copy": plan.files,
-            "retries": retries,
+            "network": _network(target),
             "tempdir": str(tempdir),
         }
         try:
@@ -249,6 +248,17 @@ def copy_collection(
     return CopyResult(
         len(plan.copy), total, collection_of(after), tuple(found.end for found in plan.skipped)
     )
+
+
+def _network(target: Target) -> dict[str, int]:
+    """duplicity's settings for reaching ``target``, as its own runs get them
+    (``backend_retries``, ``backend_retry_delay``, ``backend_timeout``)."""
+    settings = {
+        "num_retries": target.num_retries,
+        "backend_retry_delay": target.retry_delay,
+        "timeout": target.network_timeout,
+    }
+    return {name: value for name, value in settings.items() if value is not None}
 
 
 def _listing(target: Target) -> list[str]:
@@ -281,7 +291,8 @@ import json, os, sys
 from duplicity import backend, config, log
 log.setup()
 request = json.load(sys.stdin)
-config.num_retries = request["retries"]
+for name, value in request["network"].items():
+    setattr(config, name, value)
 backend.import_backends()
 os.environ.pop("FTP_PASSWORD", None)
 if request["password"] is not None:
@@ -290,7 +301,7 @@ backend.get_backend(request["url"]).delete(request["names"])
 """
 
 
-def delete_collection(target: Target, *, retries: int = 3) -> int:
+def delete_collection(target: Target) -> int:
     """Delete the backup files of ``target``'s collection (its volumes, manifests
     and signatures: nothing else there) through duplicity's backend; returns how
     many.  A ``file://`` collection's directory goes too when that leaves it
@@ -308,7 +319,7 @@ def delete_collection(target: Target, *, retries: int = 3) -> int:
                         "url": _plain(target),
                         "password": environment(target).get("FTP_PASSWORD"),
                         "names": names,
-                        "retries": retries,
+                        "network": _network(target),
                     }
                 ),
             )

@@ -15,10 +15,10 @@ import os
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 from virt_dup.config.options import split_password
 from virt_dup.duplicity.runner import find_executable
+from virt_dup.duplicity.target import file_url_path as file_url_path  # its old home
 from virt_dup.errors import CommandError, VirtDupError
 from virt_dup.execute import run as run_command
 from virt_dup.libvirt.metadata import is_valid_uuid
@@ -99,13 +99,6 @@ if hasattr(store.backend, "_query") or hasattr(store.backend, "_query_list"):
 json.dump({name: sizes.get(name) if sizes.get(name, -1) != -1 else None for name in names},
           sys.stdout)
 """
-
-
-def file_url_path(url: str) -> Path | None:
-    """The directory of a ``file://`` URL (as duplicity reads it), else None."""
-    if not url.startswith("file://"):
-        return None
-    return Path(url[len("file://") :])
 
 
 def duplicity_interpreter(executable: str | None = None) -> list[str]:

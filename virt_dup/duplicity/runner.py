@@ -35,7 +35,7 @@ from virt_dup.duplicity.protocol import (
     parse_backup_statistics,
     parse_listed_file,
 )
-from virt_dup.duplicity.target import Target, environment, secrets
+from virt_dup.duplicity.target import Target, environment, local_directory_problem, secrets
 from virt_dup.errors import CommandError, VirtDupError
 from virt_dup.execute import (
     CommandFailed,
@@ -270,6 +270,9 @@ class Duplicity:
         output, no record) for that long.  Raises :class:`CommandError` with
         one line saying what failed and why.
         """
+        problem = local_directory_problem(target.url)
+        if problem is not None:
+            raise CommandError(f"duplicity {what} {target.display_url}: {problem}")
         if target.tempdir is not None:
             target.tempdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         read_end, write_end = os.pipe()
@@ -376,8 +379,8 @@ def _failure_message(
         return f"duplicity {what} {where} {how_it_ended(code)}"
     reason = _reason(errors[-1]) if errors else _join(meaningful_lines(failure.stderr_tail))
     reason = reason or how_it_ended(code, EXIT_MEANINGS)
-    if code in BACKEND_CODES:
-        return f"duplicity could not reach {where}: {reason}"
+    if code in BACKEND_CODES or _NO_SPACE in reason:
+        return _backend_failure(what, where, code, reason)
     if code in GPG_CODES:
         return f"duplicity {what} {where}: encryption failed: {reason}"
     if code == DuplicityExit.UNSIGNED_VOLUME:
@@ -388,6 +391,50 @@ def _failure_message(
         return f"duplicity {what} {where}: {reason}"
     meaning = EXIT_MEANINGS.get(code, "")
     return f"duplicity {what} {where} failed ({meaning or f'exit code {code}'}): {reason}"
+
+
+_NO_SPACE = "No space left on device"
+
+
+def _backend_failure(what: str, where: str, code: int, reason: str) -> str:
+    """A backend's failure in one line: full, or not reached (and why)."""
+    if code == DuplicityExit.BACKEND_NO_SPACE or _NO_SPACE in reason:
+        return f"duplicity {what} {where} failed: the backend is full (ENOSPC): {reason}"
+    return f"duplicity could not reach {where}: {backend_reason(reason)}"
+
+
+def backend_reason(reason: str, home: Path | None = None) -> str:
+    """duplicity's reason a backend failed, where it says less than it means.
+
+    The sftp backend (paramiko) asks on stdin whether to trust a host key
+    that no known_hosts file holds; virt-dup's stdin is ``/dev/null``, so the
+    answer is "EOF when reading a line".  A key that differs from the known
+    one is named with both keys in base64: the fact is what matters.
+    ``home``: whose ``~/.ssh`` (default: this process's ``HOME``).
+    """
+    known_hosts = (home or Path.home()) / ".ssh" / "known_hosts"
+    if re.search(r"ssh connection to \S+ failed: EOF when reading a line", reason):
+        where = reason.split(" failed:")[0]
+        return (
+            f"{where} failed: the server's host key is not in {known_hosts} nor "
+            "/etc/ssh/ssh_known_hosts (add it after checking its fingerprint, e.g. "
+            "ssh-keyscan -p PORT HOST)"
+        )
+    if re.search(r"ssh connection to \S+ failed: Error reading SSH protocol banner", reason):
+        where = reason.split(" failed:")[0]
+        return (
+            f"{where} failed: the server took the connection but sent no SSH banner "
+            "within 15 s (a hung or overloaded sshd, or not an SSH server)"
+        )
+    mismatch = re.search(r"Host key for server '?([^' ]+)'? does not match", reason)
+    if mismatch:
+        where = reason.split(" failed:")[0]
+        return (
+            f"{where} failed: the server's host key does not match the one "
+            f"{known_hosts} (or /etc/ssh/ssh_known_hosts) holds for {mismatch.group(1)}: "
+            "refused (a changed server or someone in between)"
+        )
+    return reason
 
 
 def _reason(record: LogRecord) -> str:

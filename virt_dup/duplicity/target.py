@@ -13,7 +13,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from virt_dup.config.load import Config, read_passphrase
-from virt_dup.config.options import ENCRYPTION_MODES, JobOptions, masked_url, split_password
+from virt_dup.config.options import (
+    ENCRYPTION_MODES,
+    JobOptions,
+    interval_length,
+    masked_url,
+    split_password,
+)
 from virt_dup.errors import ConfigError
 
 # Defaults chosen from bench/RESULTS.md, section "duplicity settings" (1 GiB
@@ -50,9 +56,13 @@ class Target:
     the environment.  ``compression``: gzip / gpg compression (see
     :data:`DEFAULT_COMPRESSION`).  ``max_blocksize``: librsync block size cap
     in bytes (:data:`DEFAULT_MAX_BLOCKSIZE`; ``None``: duplicity's sqrt(size)).
-    ``volsize``: volume size in MiB.  ``num_retries``: backend retries
-    (``None``: duplicity's 5, 30 s apart).  ``tempdir``: where volumes are
-    staged (``None``: ``$TMPDIR``).
+    ``volsize``: volume size in MiB.  ``num_retries``: how many times each
+    backend operation is tried (``None``: duplicity's 5); ``retry_delay``:
+    seconds between two tries (``None``: duplicity's 30); ``network_timeout``:
+    seconds one network read or write may wait (``None``: duplicity's 30 for
+    the backends that read it, and none at all for plain sockets: duplicity
+    sets the socket default only when ``--timeout`` is given).  ``tempdir``:
+    where volumes are staged (``None``: ``$TMPDIR``).
     """
 
     url: str
@@ -67,6 +77,8 @@ class Target:
     max_blocksize: int | None = DEFAULT_MAX_BLOCKSIZE
     volsize: int = DEFAULT_VOLSIZE_MB
     num_retries: int | None = None
+    retry_delay: int | None = None
+    network_timeout: int | None = None
     tempdir: Path | None = None
     #: The backend's password from its password file (else one in ``url``).
     password: str | None = field(default=None, repr=False)
@@ -90,6 +102,13 @@ class Target:
             raise ConfigError(
                 f"max_blocksize: expected a multiple of 512, got {self.max_blocksize}"
             )
+        if self.num_retries is not None and self.num_retries < 1:
+            raise ConfigError(f"backend_retries: expected at least 1, got {self.num_retries}")
+        if self.retry_delay is not None and self.retry_delay < 0:
+            raise ConfigError(f"backend_retry_delay: expected 0s or more, got {self.retry_delay}")
+        if self.network_timeout is not None and self.network_timeout < 1:
+            # 0 would make every socket non-blocking
+            raise ConfigError(f"backend_timeout: expected at least 1s, got {self.network_timeout}s")
         if self.volsize < 1:
             raise ConfigError(f"volsize: expected at least 1 (MiB), got {self.volsize}")
 
@@ -195,10 +214,43 @@ def job_target(
         gnupg_home=config.gnupg_directory,
         passphrase=read_passphrase(config),
         password=config.backend_settings_of(backend_url).password(f"{config.path}: backends"),
+        num_retries=options.backend_retries,
+        retry_delay=_seconds(options.backend_retry_delay),
+        network_timeout=_seconds(options.backend_timeout),
     )
+
+
+def _seconds(interval: str | None) -> int | None:
+    return None if interval is None else int(interval_length(interval).total_seconds())
 
 
 def isolated(target: Target, cache: Path) -> Target:
     """``target`` with a cache (and staging directory) of its own under ``cache``:
     read from the backend alone, untouched by a backup of the job meanwhile."""
     return replace(target, archive_dir=cache, tempdir=cache / target.name)
+
+
+def file_url_path(url: str) -> Path | None:
+    """The directory of a ``file://`` URL (as duplicity reads it), else None."""
+    if not url.startswith("file://"):
+        return None
+    return Path(url[len("file://") :])
+
+
+def local_directory_problem(url: str) -> str | None:
+    """Why the directory of a ``file://`` URL cannot hold a collection, else None.
+
+    duplicity makes a missing directory, but a path through a regular file
+    (``file:///srv/backup.img/JOB``) fails every operation with ENOTDIR, and
+    duplicity retries each one (5 times, 30 s apart): minutes for a mistake
+    seen at once.  Only the nearest existing part of the path is looked at.
+    """
+    directory = file_url_path(url)
+    if directory is None:
+        return None
+    for path in (directory, *directory.parents):
+        if os.path.lexists(path):
+            if not path.is_dir():
+                return f"{path} is not a directory"
+            return None
+    return None

@@ -268,3 +268,23 @@ def holds_open(pid: int, path: Path) -> bool:
         )
     except OSError:
         return False
+
+
+def guest_view(top: Path, into: Path) -> Path:
+    """What the guest sees of the chain under ``top`` now, as one flat qcow2."""
+    into.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-U", "-O", "qcow2", str(top), str(into)],
+        check=True,
+        capture_output=True,
+    )
+    return into
+
+
+def same_guest_view(first: Path, second: Path) -> bool:
+    """``qemu-img compare``: identical contents as a guest reads them (chains followed)."""
+    finished = subprocess.run(
+        ["qemu-img", "compare", "-U", str(first), str(second)], capture_output=True, text=True
+    )
+    assert finished.returncode in (0, 1), finished.stderr
+    return finished.returncode == 0

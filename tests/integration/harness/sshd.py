@@ -58,9 +58,12 @@ class SshServer:
         return self.home / ".ssh" / "known_hosts"
 
     def sftp_url(self, path: Path | str, user: str = "root") -> str:
-        """An sftp:// URL of the absolute ``path`` on this server (duplicity reads
-        ``host/dir`` as relative to the login's home, ``host//dir`` as absolute)."""
-        return f"sftp://{user}@127.0.0.1:{self.port}/{path}"
+        """An sftp:// URL of ``path`` (absolute) on this server.
+
+        duplicity reads ``sftp://host/p`` as ``p`` relative to the login's home
+        directory and ``sftp://host//p`` as the absolute ``/p``.
+        """
+        return f"sftp://{user}@127.0.0.1:{self.port}//{str(path).lstrip('/')}"
 
     def start(self) -> None:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation dir
