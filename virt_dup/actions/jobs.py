@@ -21,6 +21,7 @@ from virt_dup.duplicity.gpg import Keyring
 from virt_dup.errors import ConfigError, LibvirtError, UsageError, VirtDupError
 from virt_dup.libvirt.connection import Hypervisor
 from virt_dup.libvirt.domain_xml import select_disks
+from virt_dup.libvirt.locality import require_local_disks, require_sources_exist
 from virt_dup.libvirt.metadata import DiskSelector, Job, duplicate_job_message, is_valid_uuid
 
 
@@ -48,8 +49,10 @@ def add_job(config: Config, hypervisor: Hypervisor, request: AddJobRequest) -> J
     """Validate a new job and write it into the domain's XML (live and persistent).
 
     Returns the job as written.  Raises before writing anything when the
-    domain, a disk, a backend or a value is wrong.
+    domain, a disk, a backend or a value is wrong, when the libvirt URI names
+    another host or a selected disk's source file is not on this one.
     """
+    require_local_disks(config.libvirt_uri)
     domain = hypervisor.domain(request.domain)
     if not domain.isPersistent():
         raise UsageError(
@@ -63,7 +66,10 @@ def add_job(config: Config, hypervisor: Hypervisor, request: AddJobRequest) -> J
     check_keys_exist(config, options)
     selector = DiskSelector(tuple(request.devs), tuple(request.paths))
     # The persistent definition is what later runs start from.
-    select_disks(hypervisor.disks(domain, inactive=True), selector, domain.name())
+    selected = select_disks(hypervisor.disks(domain, inactive=True), selector, domain.name())
+    require_sources_exist(
+        ((disk.target, disk.source) for disk in selected if disk.source), domain.name()
+    )
     existing = hypervisor.jobs(domain)  # refuses to overwrite malformed metadata
     if request.job_uuid is not None:
         if not is_valid_uuid(request.job_uuid.lower()):
@@ -179,7 +185,10 @@ def edit_job(config: Config, hypervisor: Hypervisor, request: EditJobRequest) ->
         selector = DiskSelector()
     else:
         selector = job.disks
-    select_disks(hypervisor.disks(domain, inactive=True), selector, domain.name())
+    selected = select_disks(hypervisor.disks(domain, inactive=True), selector, domain.name())
+    require_sources_exist(
+        ((disk.target, disk.source) for disk in selected if disk.source), domain.name()
+    )
     edited = dataclasses.replace(job, disks=selector, options=options, uuid_derived=False)
     jobs = hypervisor.jobs(domain)  # refuses to overwrite malformed metadata
     hypervisor.write_jobs(domain, [edited if other.uuid == job.uuid else other for other in jobs])

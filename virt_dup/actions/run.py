@@ -58,6 +58,7 @@ from virt_dup.errors import LibvirtError, VirtDupError
 from virt_dup.files import file_errors_reported, human_size, interruptible, signals_deferred
 from virt_dup.libvirt.connection import Hypervisor
 from virt_dup.libvirt.domain_xml import parse_disks
+from virt_dup.libvirt.locality import require_local_disks
 from virt_dup.libvirt.metadata import Job
 from virt_dup.systemd import journal
 
@@ -135,6 +136,7 @@ def run_job(
     ``alerts.ping_url``, the start, success or failure is pinged too
     (bounded, never a reason for the run to fail).
     """
+    require_local_disks(config.libvirt_uri)
     pings = Pings(config, job_uuid)
     pings.start()
     try:

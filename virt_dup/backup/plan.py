@@ -29,6 +29,7 @@ from virt_dup.duplicity.target import Target, isolated, job_target
 from virt_dup.errors import ConfigError, VirtDupError
 from virt_dup.images.chain import ChainFile, read_chain, select_chain
 from virt_dup.libvirt.domain_xml import Disk, select_disks
+from virt_dup.libvirt.locality import require_sources_exist
 from virt_dup.libvirt.metadata import Job
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,7 @@ def make_plan(
                 f"domain {job.domain_name}: disk {disk.target} still runs on a virt-dup overlay "
                 f"({disk.source}) after recovery"
             )
+        require_sources_exist([(disk.target, disk.source)], job.domain_name)
         chain = read_chain(disk.source)
         selected = select_chain(chain, options.depth or 0, disk.target)
         selections.append(

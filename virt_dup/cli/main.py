@@ -38,6 +38,7 @@ from virt_dup.errors import (
     VirtDupError,
 )
 from virt_dup.libvirt.connection import Hypervisor
+from virt_dup.libvirt.locality import require_local_disks
 from virt_dup.systemd.journal import Outcome
 from virt_dup.systemd.manager import ServiceManager
 from virt_dup.systemd.units import InstallSettings
@@ -70,6 +71,13 @@ class Context:
             self._owns_hypervisor = True
         return self._hypervisor
 
+    @property
+    def local_hypervisor(self) -> Hypervisor:
+        """:attr:`hypervisor`, for verbs that read the domains' disk files: a URI
+        naming another host is refused before anything connects to it."""
+        require_local_disks(self.config.libvirt_uri)
+        return self.hypervisor
+
     def close(self) -> None:
         """Close the connection this context opened (not an injected one)."""
         if self._owns_hypervisor and self._hypervisor is not None:
@@ -95,7 +103,7 @@ def cmd_add_job(context: Context) -> int:
         paths=tuple(arguments.path or ()),
         job_uuid=arguments.uuid,
     )
-    job = job_actions.add_job(context.config, context.hypervisor, request)
+    job = job_actions.add_job(context.config, context.local_hypervisor, request)
     print(job.uuid)
     effective = job.options.over(context.config.defaults)
     if effective.encryption == "gpg" and not (
@@ -324,7 +332,7 @@ def cmd_run(context: Context) -> int:
     arguments = context.arguments
     if (arguments.job is None) == (arguments.domain is None):
         raise UsageError("give either JOB_UUID or --domain DOMAIN")
-    hypervisor = context.hypervisor
+    hypervisor = context.local_hypervisor
     if arguments.domain is not None:
         domain = hypervisor.domain(arguments.domain)
         job_ids = [job.uuid for job in hypervisor.jobs(domain)]

@@ -11,6 +11,7 @@ with one line that says what failed on what.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -24,6 +25,7 @@ from virt_dup import NAMESPACE, NAMESPACE_PREFIX
 from virt_dup.config.load import Config
 from virt_dup.errors import ConfigError, LibvirtError, NotFoundError, shown
 from virt_dup.libvirt.domain_xml import Disk, parse_disks
+from virt_dup.libvirt.locality import masked, parse_uri, transport_warning
 from virt_dup.libvirt.metadata import (
     Job,
     duplicate_job_message,
@@ -41,6 +43,13 @@ KEEPALIVE_INTERVAL_S = 5
 KEEPALIVE_COUNT = 6
 #: How long a lost connection is tried again (libvirtd restarting after an upgrade).
 RECONNECT_WAIT_S = 60.0
+#: No connect waits longer than this in all (an ssh or TLS handshake that stalls,
+#: a peer that accepts and never answers).
+CONNECT_TIMEOUT_S = 15.0
+#: A connect refused as a restarting libvirtd refuses it (nothing listens, the
+#: socket is not there yet) is tried again while less than this has passed.
+CONNECT_RETRY_S = 5.0
+CONNECT_RETRY_PAUSE_S = 0.5
 
 _event_loop_started = threading.Event()
 
@@ -88,16 +97,27 @@ class Hypervisor:
         self._reopen = reopen
 
     @classmethod
-    def open(cls, config: Config) -> Hypervisor:
+    def open(
+        cls,
+        config: Config,
+        timeout_s: float = CONNECT_TIMEOUT_S,
+        retry_s: float = CONNECT_RETRY_S,
+    ) -> Hypervisor:
         """Connect as virt-dup.yml says (URI, optional username and password file),
-        with keepalive: a libvirtd that stops answering is noticed in seconds.
+        within ``timeout_s`` seconds, trying again for ``retry_s`` seconds while
+        libvirtd refuses as a restarting one does; with keepalive: a libvirtd
+        that stops answering later is noticed in seconds.  Warns (one line)
+        when the URI is qemu+tcp:// to a host that is not loopback.
 
-        Raises :class:`LibvirtError` naming the URI when libvirtd does not answer.
+        Raises :class:`LibvirtError` ``cannot connect to libvirt at URI: reason``.
         """
         _start_event_loop()
+        warning = transport_warning(config.libvirt_uri)
+        if warning is not None:
+            log.warning("%s", warning)
 
         def connect() -> libvirt.virConnect:
-            connection = _connect(config)
+            connection = _connect(config, timeout_s, retry_s)
             with contextlib.suppress(libvirt.libvirtError):
                 connection.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
             return connection
@@ -331,33 +351,121 @@ class Hypervisor:
         )
 
 
-def _connect(config: Config) -> libvirt.virConnect:
-    """A new connection as virt-dup.yml says; raises :class:`LibvirtError`."""
+def _connect(
+    config: Config,
+    timeout_s: float = CONNECT_TIMEOUT_S,
+    retry_s: float = CONNECT_RETRY_S,
+) -> libvirt.virConnect:
+    """A new connection as virt-dup.yml says, within ``timeout_s`` seconds in all;
+    refusals that a restarting libvirtd gives are tried again while less than
+    ``retry_s`` seconds have passed.
+
+    Raises :class:`LibvirtError` ``cannot connect to libvirt at URI: reason``
+    (the URI with any password masked), :class:`ConfigError` when the password
+    file cannot be read.
+    """
     uri = config.libvirt_uri
+    shown_uri = masked(uri)
     settings = config.libvirt
-    password = settings.password
-    if settings.password_file is not None:
-        try:
-            password = settings.password_file.read_text().rstrip("\n")
-        except OSError as error:
-            raise ConfigError(
-                f"{config.path}: libvirt.password_file: cannot read "
-                f"{settings.password_file}: {error.strerror}"
-            ) from None
-    try:
+    password = _password(config)
+    secrets = [secret for secret in (password, parse_uri(uri).password) if secret]
+
+    def open_connection() -> libvirt.virConnect:
         if settings.username is None and password is None:
             # openAuth(uri, None, ...) segfaults in libvirt-python; open() is the same call.
             if settings.flags & libvirt.VIR_CONNECT_RO:
-                connection = libvirt.openReadOnly(uri)
-            else:
-                connection = libvirt.open(uri)
-        else:
-            connection = libvirt.openAuth(
-                uri, _credentials(settings.username, password), settings.flags
-            )
-    except libvirt.libvirtError as error:
-        raise LibvirtError(f"cannot connect to libvirt at {uri}: {_message(error)}") from None
-    return connection
+                return libvirt.openReadOnly(uri)
+            return libvirt.open(uri)
+        return libvirt.openAuth(uri, _credentials(settings.username, password), settings.flags)
+
+    def failure(reason: str, code: int | None = None) -> LibvirtError:
+        for secret in secrets:
+            reason = reason.replace(secret, "***")
+        return LibvirtError(f"cannot connect to libvirt at {shown_uri}: {reason}", code, reason)
+
+    started = time.monotonic()
+    deadline = started + timeout_s
+    while True:
+        try:
+            return _within(open_connection, deadline)
+        except TimeoutError:
+            raise failure(f"no answer within {timeout_s:g} s") from None
+        except libvirt.libvirtError as error:
+            now = time.monotonic()
+            if not _is_transient(error) or now - started >= retry_s or now >= deadline:
+                reason = _message(error)
+                if _is_transient(error) and retry_s > 0:
+                    reason += f" (tried for {now - started:.0f} s)"
+                raise failure(reason, error.get_error_code()) from None
+            log.debug("libvirt at %s refused (%s); trying again", shown_uri, _message(error))
+            time.sleep(min(CONNECT_RETRY_PAUSE_S, max(0.0, deadline - now)))
+
+
+def _password(config: Config) -> str | None:
+    """The libvirt password: from ``libvirt.password_file``, else the legacy key."""
+    settings = config.libvirt
+    if settings.password_file is None:
+        return settings.password
+    try:
+        return settings.password_file.read_text().rstrip("\n")
+    except OSError as error:
+        raise ConfigError(
+            f"{config.path}: libvirt.password_file: cannot read "
+            f"{settings.password_file}: {error.strerror}"
+        ) from None
+
+
+def _within(function: Callable[[], libvirt.virConnect], deadline: float) -> libvirt.virConnect:
+    """``function()`` in a daemon thread, given up at ``deadline`` (TimeoutError).
+
+    libvirt has no connect timeout of its own for every transport (a TCP peer
+    that accepts and never answers, an ssh stuck in its key exchange, a TLS
+    handshake that stalls all block ``virConnectOpen`` for good), and a
+    blocked C call cannot be interrupted: the thread is left behind, and a
+    connection it still makes later is closed at once.
+    """
+    lock = threading.Lock()
+    outcome: list[Any] = []
+    abandoned = False
+
+    def attempt() -> None:
+        try:
+            result: Any = ("connection", function())
+        except libvirt.libvirtError as error:
+            result = ("error", error)
+        with lock:
+            if abandoned:
+                if result[0] == "connection":
+                    with contextlib.suppress(libvirt.libvirtError):
+                        result[1].close()
+                return
+            outcome.append(result)
+
+    thread = threading.Thread(target=attempt, name="libvirt-connect", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    with lock:
+        if not outcome:
+            abandoned = True
+            raise TimeoutError
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+#: errno values of a socket connect that a libvirtd being restarted gives
+#: (nothing listens yet, the socket file is being recreated).
+_TRANSIENT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ENOENT})
+
+
+def _is_transient(error: libvirt.libvirtError) -> bool:
+    """Whether a failed connect may well succeed in a moment: libvirt's system
+    errors carry the errno of the failed call (``int1``)."""
+    return (
+        error.get_error_code() == libvirt.VIR_ERR_SYSTEM_ERROR
+        and error.get_int1() in _TRANSIENT_ERRNOS
+    )
 
 
 def _looks_like_uuid(text: str) -> bool:

@@ -230,3 +230,113 @@ def test_credentials_refuse_other_types(kind: int) -> None:
     requests = [credential(libvirt.VIR_CRED_AUTHNAME), credential(kind)]
     assert callback(requests, None) == -1
     assert requests[1][4] is None  # nothing was answered to what it does not know
+
+
+# -- opening: the bound, the retry, the warning ---------------------------------------
+def config_of(tmp_path: Any, uri: str) -> Any:
+    from virt_dup.config.load import parse_config
+
+    return parse_config(f"libvirt:\n  uri: '{uri}'\n", tmp_path / "virt-dup.yml")
+
+
+def test_a_peer_that_never_answers_is_given_up_at_the_timeout(tmp_path: Any) -> None:
+    """A real libvirt client against a socket on 127.0.0.1 that accepts and says
+    nothing: libvirt itself would wait for ever."""
+    import socket
+    import time
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uri = f"qemu+tcp://admin:s3cret@127.0.0.1:{silent.getsockname()[1]}/system"
+        started = time.monotonic()
+        with pytest.raises(LibvirtError) as raised:
+            Hypervisor.open(config_of(tmp_path, uri), timeout_s=1.0)
+        elapsed = time.monotonic() - started
+    assert 1.0 <= elapsed < 2.0
+    port = uri.rsplit(":", 1)[1].split("/")[0]
+    assert str(raised.value) == (
+        f"cannot connect to libvirt at qemu+tcp://admin:***@127.0.0.1:{port}/system: "
+        "no answer within 1 s"
+    )
+
+
+def test_a_refused_connect_is_tried_again_for_the_retry_time(tmp_path: Any) -> None:
+    import socket
+    import time
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        port = closed.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(LibvirtError) as raised:
+            Hypervisor.open(config_of(tmp_path, f"qemu+tcp://127.0.0.1:{port}/system"), retry_s=1.0)
+        elapsed = time.monotonic() - started
+    assert 1.0 <= elapsed < 2.0
+    assert str(raised.value) == (
+        f"cannot connect to libvirt at qemu+tcp://127.0.0.1:{port}/system: unable to connect "
+        f"to server at '127.0.0.1:{port}': Connection refused (tried for 1 s)"
+    )
+    assert raised.value.code == libvirt.VIR_ERR_SYSTEM_ERROR
+
+
+def test_a_refusal_that_is_not_transient_is_not_tried_again(tmp_path: Any) -> None:
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(LibvirtError) as raised:
+        Hypervisor.open(config_of(tmp_path, "nosuchdriver:///system"), retry_s=5.0)
+    assert time.monotonic() - started < 1.0
+    assert str(raised.value).startswith("cannot connect to libvirt at nosuchdriver:///system: ")
+
+
+def test_a_connect_that_succeeds_on_a_retry_is_used(tmp_path: Any, monkeypatch: Any) -> None:
+    """Fake: libvirt.open refuses twice as a restarting libvirtd does, then the
+    in-process test driver answers."""
+    import errno
+
+    calls = []
+    real_open = libvirt.open
+
+    def flaky_open(uri: str) -> libvirt.virConnect:
+        calls.append(uri)
+        if len(calls) < 3:
+            error = libvirt.libvirtError("Failed to connect socket: Connection refused")
+            error.err = (
+                libvirt.VIR_ERR_SYSTEM_ERROR,
+                7,
+                "refused",
+                2,
+                "",
+                "",
+                "",
+                errno.ECONNREFUSED,
+                0,
+            )
+            raise error
+        return real_open("test:///default")
+
+    monkeypatch.setattr(libvirt, "open", flaky_open)
+    hypervisor = Hypervisor.open(config_of(tmp_path, "qemu:///system"), retry_s=5.0)
+    try:
+        assert hypervisor.uri == "test:///default" and len(calls) == 3
+    finally:
+        hypervisor.close()
+
+
+def test_tcp_to_a_host_that_is_not_loopback_warns_in_one_line(
+    tmp_path: Any, monkeypatch: Any, caplog: Any
+) -> None:
+    """Fake: the connection itself is the in-process test driver (no network)."""
+    real_open = libvirt.open
+    monkeypatch.setattr(libvirt, "open", lambda _uri: real_open("test:///default"))
+    with caplog.at_level("WARNING"):
+        Hypervisor.open(config_of(tmp_path, "qemu+tcp://kvm02.example.org/system")).close()
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "warning: libvirt URI qemu+tcp://kvm02.example.org/system is unencrypted qemu+tcp"
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Hypervisor.open(config_of(tmp_path, "qemu+tcp://127.0.0.1/system")).close()
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]
