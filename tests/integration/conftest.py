@@ -16,6 +16,9 @@
                   non-root user (group kvm) whose commands run the
                   installation's virt-dup; removed after the test with their
                   session libvirtd, domains and files.
+``ssh_server``    a started :class:`harness.sshd.SshServer` (sftp:// backends,
+                  qemu+ssh://); ``HOME`` holds its client key and known_hosts.
+``sftp_server``   its URL prefix ``sftp://root@127.0.0.1:PORT/``.
 
 Example::
 
@@ -57,6 +60,7 @@ from harness.domains import (
 )
 from harness.install import Installation, install_tree
 from harness.session_user import SessionUser, temporary_user
+from harness.sshd import SshServer
 
 
 @pytest.fixture(scope="session")
@@ -167,3 +171,28 @@ def session_user(
     require(shutil.which("useradd") is not None, "useradd not installed (package passwd)")
     with temporary_user(installation) as user:
         yield user
+
+
+@pytest.fixture
+def ssh_server(tmp_path: Path, require, monkeypatch) -> Iterator[SshServer]:
+    """A real sshd on 127.0.0.1 (free port, root's key login), stopped after the
+    test; ``HOME`` is its clients' (the key and a known_hosts with its host key,
+    where duplicity's paramiko looks)."""
+    require(
+        shutil.which("sshd") is not None or os.access("/usr/sbin/sshd", os.X_OK),
+        "sshd not installed (openssh-server)",
+    )
+    server = SshServer(tmp_path / "sshd", tmp_path / "home")
+    server.start()
+    monkeypatch.setenv("HOME", str(server.home))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def sftp_server(ssh_server: SshServer) -> str:
+    """The URL prefix ``sftp://root@127.0.0.1:PORT/`` of :func:`ssh_server`
+    (an absolute path follows: ``PREFIX/srv/b``)."""
+    return f"sftp://root@127.0.0.1:{ssh_server.port}/"

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness.backups import BackupEnvironment
+from harness.backups import BackupEnvironment, guest_view, same_guest_view
 from harness.domains import MIB, ScratchDomain
 from harness.libvirtd import ListeningLibvirtd, free_port, listening_libvirtd
 from harness.sshd import SshServer
@@ -67,24 +67,6 @@ def timed(
     return finished, time.monotonic() - started
 
 
-def guest_view(top: Path, into: Path) -> Path:
-    """What the guest sees of the chain under ``top`` now, as one flat image."""
-    subprocess.run(
-        ["qemu-img", "convert", "-U", "-O", "qcow2", str(top), str(into)],
-        check=True,
-        capture_output=True,
-    )
-    return into
-
-
-def same_guest_view(first: Path, second: Path) -> bool:
-    finished = subprocess.run(
-        ["qemu-img", "compare", "-U", str(first), str(second)], capture_output=True, text=True
-    )
-    assert finished.returncode in (0, 1), finished.stderr
-    return finished.returncode == 0
-
-
 def back_up_and_restore(
     environment: BackupEnvironment, vm: ScratchDomain, tmp_path: Path, uri: str
 ) -> None:
@@ -113,17 +95,6 @@ def back_up_and_restore(
 
 
 # -- ssh -----------------------------------------------------------------------------
-@pytest.fixture
-def ssh_server(tmp_path: Path, require) -> Iterator[SshServer]:
-    import shutil
-
-    require(shutil.which("sshd") is not None, "sshd not installed (openssh-server)")
-    server = SshServer(tmp_path / "sshd", tmp_path / "home")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def ssh_command(directory: Path, known_hosts: Path) -> Path:

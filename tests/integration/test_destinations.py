@@ -9,22 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
-from harness.backups import BackupEnvironment, fill
+from harness.backups import BackupEnvironment, fill, guest_view, same_guest_view
 from harness.sshd import SshServer
-from test_restore import backups_json, guest_view, prepared, same_guest_view
+from test_restore import backups_json, prepared
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def sshd(tmp_path, monkeypatch):
-    server = SshServer(tmp_path / "sshd", tmp_path / "home")
-    server.start()
-    monkeypatch.setenv("HOME", str(server.home))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def set_files(directory: Path) -> set[str]:
@@ -43,10 +32,10 @@ def manifests(names: set[str]) -> list[str]:
 
 
 def test_two_destinations_one_read_own_retention_and_catching_up(
-    make_domain, environment: BackupEnvironment, tmp_path: Path, sshd: SshServer
+    make_domain, environment: BackupEnvironment, tmp_path: Path, ssh_server: SshServer
 ) -> None:
     offsite = tmp_path / "offsite"
-    offsite_url = sshd.sftp_url(offsite)
+    offsite_url = ssh_server.sftp_url(offsite)
     local = f"  local: file://{environment.backend}\n"
     config = (
         environment.config.read_text()
@@ -70,7 +59,7 @@ def test_two_destinations_one_read_own_retention_and_catching_up(
         assert (local_dir / name).read_bytes() == (offsite_dir / name).read_bytes(), name
 
     # The off-site destination goes down: the run fails for it alone.
-    sshd.stop()
+    ssh_server.stop()
     fill(top, 0x62, 2 << 20, 1 << 20)
     view = guest_view(top, tmp_path / "view-3.qcow2")
     failed = environment.virt_dup("run", job, check=False)
@@ -90,7 +79,7 @@ def test_two_destinations_one_read_own_retention_and_catching_up(
     assert row["last_run"]["result"] == "failed"
 
     # An interrupted copy is replaced: the newest set on the off-site lost its manifest.
-    sshd.start()
+    ssh_server.start()
     newest = manifests(set_files(offsite_dir))[-1]
     (offsite_dir / newest).unlink()
     environment.virt_dup("run", job)

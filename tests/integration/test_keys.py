@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 from harness.backups import BackupEnvironment
-from test_restore import backups_json, chain_of, guest_view, prepared, same_guest_view, sftp_server
+from test_restore import backups_json, chain_of, guest_view, prepared, same_guest_view
 
 pytestmark = pytest.mark.integration
 
@@ -31,8 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "virt-dup.yml"
 PLACEHOLDER = "0123456789ABCDEF0123456789ABCDEF01234567"
 PASSPHRASE = "correct horse battery staple"
-
-__all__ = ["sftp_server"]  # the fixture, used by a test below
 
 
 class Host:

@@ -10,23 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from harness.backups import BackupEnvironment, fill
+from harness.backups import BackupEnvironment, fill, guest_view, same_guest_view
 from harness.sshd import SshServer
 from test_destinations import manifests, set_files
-from test_restore import guest_view, prepared, same_guest_view
+from test_restore import prepared
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def sshd(tmp_path, monkeypatch):
-    server = SshServer(tmp_path / "sshd", tmp_path / "home")
-    server.start()
-    monkeypatch.setenv("HOME", str(server.home))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def job_backends(environment: BackupEnvironment, job: str) -> list[str]:
@@ -36,10 +25,10 @@ def job_backends(environment: BackupEnvironment, job: str) -> list[str]:
 
 
 def test_migrate_to_sftp_and_back_with_restores_from_the_target(
-    make_domain, environment: BackupEnvironment, tmp_path: Path, sshd: SshServer
+    make_domain, environment: BackupEnvironment, tmp_path: Path, ssh_server: SshServer
 ) -> None:
     offsite = tmp_path / "offsite"
-    offsite_url = sshd.sftp_url(offsite)
+    offsite_url = ssh_server.sftp_url(offsite)
     vm = prepared(make_domain, running=False)
     top = vm.images["vda"][-1]
     job = environment.virt_dup("add-job", vm.name).stdout.strip()

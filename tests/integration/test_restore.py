@@ -19,9 +19,8 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from harness.backups import BackupEnvironment, sha256
+from harness.backups import BackupEnvironment, guest_view, same_guest_view, sha256
 from harness.domains import MIB, DiskSpec, ScratchDomain, remove_domain
-from harness.sshd import SshServer
 
 pytestmark = pytest.mark.integration
 
@@ -60,26 +59,6 @@ def prepared(make_domain, running: bool = True, **kwargs) -> ScratchDomain:
     if running:
         vm.domain.create()
     return vm
-
-
-def guest_view(top: Path, into: Path) -> Path:
-    """What the guest sees of the chain under ``top`` now, as one flat image."""
-    into.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        ["qemu-img", "convert", "-U", "-O", "qcow2", str(top), str(into)],
-        check=True,
-        capture_output=True,
-    )
-    return into
-
-
-def same_guest_view(first: Path, second: Path) -> bool:
-    """``qemu-img compare``: identical contents as a guest reads them (chains followed)."""
-    finished = subprocess.run(
-        ["qemu-img", "compare", "-U", str(first), str(second)], capture_output=True, text=True
-    )
-    assert finished.returncode in (0, 1), finished.stderr
-    return finished.returncode == 0
 
 
 def chain_of(top: Path) -> list[dict]:
@@ -376,18 +355,6 @@ def test_a_two_disk_domain_restored_as_a_copy_next_to_the_original(
     only = tmp_path / "only-vdb"
     environment.virt_dup("restore", vm.name, "--target-dir", str(only), "--disk", "vdb")
     assert sorted(path.name for path in only.iterdir()) == ["vdb"]
-
-
-@pytest.fixture
-def sftp_server(tmp_path, monkeypatch):
-    """sshd on 127.0.0.1 with root's key login; yields ``sftp://root@127.0.0.1:PORT/``."""
-    server = SshServer(tmp_path / "sshd", tmp_path / "home")
-    server.start()
-    monkeypatch.setenv("HOME", str(server.home))
-    try:
-        yield f"sftp://root@127.0.0.1:{server.port}/"
-    finally:
-        server.stop()
 
 
 def test_backups_and_restore_over_sftp(make_domain, environment, tmp_path, sftp_server) -> None:

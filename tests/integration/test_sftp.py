@@ -24,23 +24,10 @@ from pathlib import Path
 import pytest
 from harness.backups import BackupEnvironment, fill, guest_view, same_guest_view, wait_for
 from harness.domains import MIB, ScratchDomain
-from harness.sshd import SshServer
 
 pytestmark = pytest.mark.integration
 
 SIZE = 16 * MIB
-
-
-@pytest.fixture
-def sftp_server(tmp_path, monkeypatch):
-    """A started :class:`SshServer`; ``HOME`` is its clients' (key, known_hosts)."""
-    server = SshServer(tmp_path / "sshd", tmp_path / "home")
-    server.start()
-    monkeypatch.setenv("HOME", str(server.home))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def use_backend(environment: BackupEnvironment, url: str, extra: str = "") -> None:
@@ -93,10 +80,10 @@ def assert_failed_and_nothing_recorded(
 
 
 def test_full_incremental_retention_list_restore_verify_over_sftp(
-    make_domain, environment, tmp_path, sftp_server
+    make_domain, environment, tmp_path, ssh_server
 ) -> None:
     remote = tmp_path / "remote"
-    use_backend(environment, sftp_server.sftp_url(remote))
+    use_backend(environment, ssh_server.sftp_url(remote))
     vm = filled_domain(make_domain, running=True)
     top = vm.images["vda"][-1]
     job = environment.virt_dup(
@@ -141,10 +128,10 @@ def test_full_incremental_retention_list_restore_verify_over_sftp(
 
 @pytest.mark.parametrize("known_host", ["another key", "no entry"])
 def test_the_host_key_is_checked(
-    make_domain, environment, tmp_path, sftp_server, known_host
+    make_domain, environment, tmp_path, ssh_server, known_host
 ) -> None:
     remote = tmp_path / "remote"
-    use_backend(environment, sftp_server.sftp_url(remote))
+    use_backend(environment, ssh_server.sftp_url(remote))
     vm = filled_domain(make_domain, running=True)
     job = environment.virt_dup("add-job", vm.name).stdout.strip()
     if known_host == "another key":
@@ -153,9 +140,9 @@ def test_the_host_key_is_checked(
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True
         )
         kind, key = Path(f"{other}.pub").read_text().split()[:2]
-        sftp_server.known_hosts.write_text(f"[127.0.0.1]:{sftp_server.port} {kind} {key}\n")
+        ssh_server.known_hosts.write_text(f"[127.0.0.1]:{ssh_server.port} {kind} {key}\n")
     else:
-        sftp_server.known_hosts.write_text("")
+        ssh_server.known_hosts.write_text("")
 
     started = time.monotonic()
     finished = environment.virt_dup("run", job, check=False)
@@ -163,9 +150,9 @@ def test_the_host_key_is_checked(
     print(f"host key ({known_host}): failed in {elapsed:.1f} s: {finished.stderr}")
     assert finished.returncode != 0
     (line,) = error_lines(finished.stderr)
-    assert f"ssh connection to root@127.0.0.1:{sftp_server.port} failed" in line, line
+    assert f"ssh connection to root@127.0.0.1:{ssh_server.port} failed" in line, line
     said = "is not in" if known_host == "no entry" else "does not match"
-    assert f"the server's host key {said}" in line and str(sftp_server.known_hosts) in line
+    assert f"the server's host key {said}" in line and str(ssh_server.known_hosts) in line
     assert "AAAA" not in line  # the fact, not two base64 keys
     assert_back_on_its_chain(vm)
     assert_failed_and_nothing_recorded(environment, vm, job, successes=0)
@@ -194,10 +181,10 @@ def random_domain(make_domain, tmp_path: Path, size: int) -> ScratchDomain:
 
 
 def test_sshd_stopped_mid_backup_fails_cleanly_and_the_next_run_succeeds(
-    make_domain, environment, tmp_path, sftp_server
+    make_domain, environment, tmp_path, ssh_server
 ) -> None:
     remote = tmp_path / "remote"
-    url = sftp_server.sftp_url(remote)
+    url = ssh_server.sftp_url(remote)
     use_backend(environment, url)
     vm = random_domain(make_domain, tmp_path, 64 * MIB)
     top = vm.images["vda"][-1]
@@ -214,7 +201,7 @@ def test_sshd_stopped_mid_backup_fails_cleanly_and_the_next_run_succeeds(
             "the first volume on the server",
         )
         assert run.poll() is None, run.communicate()
-        sftp_server.stop()
+        ssh_server.stop()
         stopped = time.monotonic()
         _output, errors = run.communicate(timeout=120)
     finally:
@@ -230,7 +217,7 @@ def test_sshd_stopped_mid_backup_fails_cleanly_and_the_next_run_succeeds(
     assert_back_on_its_chain(vm)
     assert_failed_and_nothing_recorded(environment, vm, job, successes=0)
 
-    sftp_server.start()
+    ssh_server.start()
     view = guest_view(top, tmp_path / "view.qcow2")
     environment.virt_dup("run", job)
     assert environment.status(job)["last_success"]["result"] == "success"
