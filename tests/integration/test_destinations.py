@@ -9,9 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
-from harness.backups import BackupEnvironment, fill, guest_view, same_guest_view
+from harness.backups import BackupEnvironment, fill, guest_view, same_guest_view, wait_for
+from harness.domains import MIB
 from harness.sshd import SshServer
 from test_restore import backups_json, prepared
+from test_sftp import QUICK_FAILURE, random_domain
 
 pytestmark = pytest.mark.integration
 
@@ -31,18 +33,23 @@ def manifests(names: set[str]) -> list[str]:
     return sorted(name for name in names if name.endswith(".manifest.gpg"))
 
 
+def with_offsite(environment: BackupEnvironment, url: str, settings: str = "") -> str:
+    """Give the environment's jobs a second destination ``offsite`` at ``url``."""
+    local = f"  local: file://{environment.backend}\n"
+    config = (
+        environment.config.read_text()
+        .replace(local, f"{local}  offsite:\n    url: {url}\n{settings}")
+        .replace("  backends: [local]\n", "  backends: [local, offsite]\n")
+    )
+    environment.config.write_text(config)
+    return url
+
+
 def test_two_destinations_one_read_own_retention_and_catching_up(
     make_domain, environment: BackupEnvironment, tmp_path: Path, ssh_server: SshServer
 ) -> None:
     offsite = tmp_path / "offsite"
-    offsite_url = ssh_server.sftp_url(offsite)
-    local = f"  local: file://{environment.backend}\n"
-    config = (
-        environment.config.read_text()
-        .replace(local, f"{local}  offsite:\n    url: {offsite_url}\n    full_retention: 1\n")
-        .replace("  backends: [local]\n", "  backends: [local, offsite]\n")
-    )
-    environment.config.write_text(config)
+    offsite_url = with_offsite(environment, ssh_server.sftp_url(offsite), "    full_retention: 1\n")
     vm = prepared(make_domain, running=False)
     top = vm.images["vda"][-1]
     job = environment.virt_dup("add-job", vm.name).stdout.strip()
@@ -104,3 +111,48 @@ def test_two_destinations_one_read_own_retention_and_catching_up(
         "restore", vm.name, "--backend", offsite_url, "--target-dir", str(newest_restore)
     )
     assert same_guest_view(newest_restore / "vda" / top.name, latest)
+
+
+def test_a_destination_that_goes_down_mid_copy_is_caught_up_by_the_next_run(
+    make_domain, environment: BackupEnvironment, tmp_path: Path, ssh_server: SshServer
+) -> None:
+    offsite = tmp_path / "offsite"
+    offsite_url = with_offsite(environment, ssh_server.sftp_url(offsite))
+    vm = random_domain(make_domain, tmp_path, 64 * MIB)
+    top = vm.images["vda"][-1]
+    job = environment.virt_dup("add-job", vm.name, *QUICK_FAILURE).stdout.strip()
+    local_dir, offsite_dir = environment.backend / job, offsite / job
+
+    run = environment.start_run(job)
+    try:
+        wait_for(
+            lambda: (
+                bool(list(offsite_dir.glob("duplicity-full.*.vol1.*"))) or run.poll() is not None
+            ),
+            120,
+            "the copy to the off-site destination",
+        )
+        assert run.poll() is None, run.communicate()
+        ssh_server.stop()
+        _output, errors = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode != 0
+    line = errors.splitlines()[-1]
+    assert "backed up vda to file://" in line and f"but not to {offsite_url}" in line, errors
+    assert len(manifests(set_files(local_dir))) == 1  # the local backup is whole
+    assert manifests(set_files(offsite_dir)) == []  # the cut copy is no backup there
+    assert vm.disk_source("vda") == top
+
+    ssh_server.start()
+    view = guest_view(top, tmp_path / "view.qcow2")
+    environment.virt_dup("run", job)
+    assert set_files(offsite_dir) == set_files(local_dir)
+    assert len(manifests(set_files(offsite_dir))) == 2
+    for name in set_files(local_dir):
+        assert (local_dir / name).read_bytes() == (offsite_dir / name).read_bytes(), name
+    restored = tmp_path / "restored"
+    environment.virt_dup("restore", vm.name, "--backend", "offsite", "--target-dir", str(restored))
+    assert same_guest_view(restored / "vda" / top.name, view)

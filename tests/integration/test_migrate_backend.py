@@ -13,7 +13,7 @@ import pytest
 from harness.backups import BackupEnvironment, fill, guest_view, same_guest_view
 from harness.sshd import SshServer
 from test_destinations import manifests, set_files
-from test_restore import prepared
+from test_restore import backups_json, prepared
 
 pytestmark = pytest.mark.integration
 
@@ -104,3 +104,33 @@ def test_a_copy_that_does_not_verify_changes_nothing(
 
     missing = environment.virt_dup("migrate-backend", job, "--to", "nowhere", check=False)
     assert missing.returncode != 0 and "no backend named 'nowhere'" in missing.stderr
+
+
+def test_a_migration_cut_after_the_switch_is_finished_by_the_same_command(
+    make_domain, environment: BackupEnvironment, tmp_path: Path
+) -> None:
+    """Killed between switching the job and deleting the old collection: the record
+    in the state directory says what is left, and the same command does it."""
+    vm = prepared(make_domain, running=False)
+    job = environment.virt_dup("add-job", vm.name).stdout.strip()
+    environment.virt_dup("run", job)
+    local_dir = environment.backend / job
+    other_url = f"file://{tmp_path / 'other'}"
+    shutil.copytree(local_dir, tmp_path / "other" / job)
+    environment.virt_dup("edit-job", job, "--backend", other_url)
+    record = environment.state / "migrations" / f"{job}.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(
+        json.dumps(
+            {"source": f"file://{environment.backend}", "target": other_url, "keep_source": False}
+        )
+    )
+
+    finished = environment.virt_dup("migrate-backend", job, "--to", other_url)
+    assert "deleted from file://" in finished.stdout
+    assert not local_dir.exists() and not record.exists()
+    (listing,) = backups_json(environment, vm.name)
+    assert len(listing["backups"]) == 1
+
+    again = environment.virt_dup("migrate-backend", job, "--to", other_url, check=False)
+    assert again.returncode != 0 and f"already backs up to {other_url}" in again.stderr
