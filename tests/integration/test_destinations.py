@@ -156,3 +156,46 @@ def test_a_destination_that_goes_down_mid_copy_is_caught_up_by_the_next_run(
     restored = tmp_path / "restored"
     environment.virt_dup("restore", vm.name, "--backend", "offsite", "--target-dir", str(restored))
     assert same_guest_view(restored / "vda" / top.name, view)
+
+
+def test_when_the_first_destination_is_down_the_next_one_gets_the_backup(
+    make_domain, environment: BackupEnvironment, tmp_path: Path, ssh_server: SshServer
+) -> None:
+    """The off-site destination is listed first: down for a night, the backup goes to
+    the local one, and once it is back it gets that backup before the next one
+    continues the chain on it."""
+    offsite = tmp_path / "offsite"
+    offsite_url = with_offsite(environment, ssh_server.sftp_url(offsite))
+    config = environment.config.read_text().replace(
+        "  backends: [local, offsite]\n", "  backends: [offsite, local]\n"
+    )
+    environment.config.write_text(config)
+    vm = prepared(make_domain, running=False)
+    top = vm.images["vda"][-1]
+    job = environment.virt_dup("add-job", vm.name, *QUICK_FAILURE).stdout.strip()
+    local_dir, offsite_dir = environment.backend / job, offsite / job
+    environment.virt_dup("run", job)
+
+    ssh_server.stop()
+    fill(top, 0x63, 0, 1 << 20)
+    view = guest_view(top, tmp_path / "view-2.qcow2")
+    failed = environment.virt_dup("run", job, check=False)
+    assert failed.returncode != 0
+    line = failed.stderr.splitlines()[-1]
+    assert "backed up vda to file://" in line and f"but not to {offsite_url}" in line, line
+    assert len(manifests(set_files(local_dir))) == 2
+    assert len(manifests(set_files(offsite_dir))) == 1
+
+    ssh_server.start()
+    fill(top, 0x64, 2 << 20, 1 << 20)
+    environment.virt_dup("run", job)
+    assert set_files(offsite_dir) == set_files(local_dir)
+    assert len(manifests(set_files(offsite_dir))) == 3  # one chain: full, inc, inc
+    assert len([name for name in manifests(set_files(offsite_dir)) if "-full." in name]) == 1
+    (listing,) = backups_json(environment, "--backend", "offsite")
+    second = listing["backups"][1]["id"]
+    restored = tmp_path / "restored"
+    environment.virt_dup(
+        "restore", vm.name, second, "--backend", "offsite", "--target-dir", str(restored)
+    )
+    assert same_guest_view(restored / "vda" / top.name, view)

@@ -22,6 +22,7 @@ from virt_dup.config.load import Config, check_policy
 from virt_dup.config.options import JobOptions, masked_url
 from virt_dup.duplicity.cache import discard_interrupted_backup, partial_files
 from virt_dup.duplicity.collection import Collection, full_is_due
+from virt_dup.duplicity.copy import copy_collection, listing
 from virt_dup.duplicity.listing import file_url_path
 from virt_dup.duplicity.protocol import BackupStats
 from virt_dup.duplicity.runner import Duplicity
@@ -198,7 +199,12 @@ def make_plan(
             f"{config.path}"
         )
     urls = list(dict.fromkeys(config.backend_url(backend) for backend in backends))
-    first, *others = (destination(config, job.uuid, options, url) for url in urls)
+    destinations = [destination(config, job.uuid, options, url) for url in urls]
+    first = first_reachable(destinations, job.uuid)
+    others = [other for other in destinations if other is not first]
+    if not dry_run:
+        for other in others:
+            catch_up(other, first, config.cache_directory / first.target.name, job.uuid)
     backend_url, target = first.url, first.target
     interrupted = partial_files(target)
     if dry_run:
@@ -229,6 +235,46 @@ def make_plan(
         mirrors=tuple(others),
         retention=first.retention,
     )
+
+
+def first_reachable(destinations: Sequence[Destination], job_uuid: str) -> Destination:
+    """The destination this run backs up to: the first one, or when it cannot be
+    listed, the next one that can (the others get copies of what it holds; the
+    unreachable one fails the run for itself alone, and catches up later).
+    A job with one destination is not probed: its backup fails as it would."""
+    if len(destinations) < 2:
+        return destinations[0]
+    problems = []
+    for candidate in destinations:
+        try:
+            listing(candidate.target)
+        except VirtDupError as error:
+            problems.append(str(error))
+            log.warning("job %s: %s: backing up to the next destination", job_uuid, error)
+            continue
+        return candidate
+    raise VirtDupError("no destination can be reached: " + "; ".join(problems))
+
+
+def catch_up(source: Destination, first: Destination, tempdir: Path, job_uuid: str) -> None:
+    """Copy to ``first`` the sets ``source`` got while ``first`` was unreachable
+    (a run backed up to ``source`` instead), so that this run continues the
+    newest chain.  Only sets newer than ``first``'s newest: what ``first``'s own
+    retention removed stays removed.  A failure here is not this run's: it is
+    logged, and the copy after the backup reports that destination."""
+    try:
+        copied = copy_collection(source.target, first.target, tempdir, newer_only=True)
+    except VirtDupError as error:
+        log.info("job %s: nothing copied from %s: %s", job_uuid, masked_url(source.url), error)
+        return
+    if copied.sets:
+        log.warning(
+            "job %s: copied %d backup set(s) %s made while %s was unreachable",
+            job_uuid,
+            copied.sets,
+            masked_url(source.url),
+            masked_url(first.url),
+        )
 
 
 def wait_past_last_backup(

@@ -16,7 +16,8 @@ A set is copied in order: volumes, signatures, then its manifest, which is
 read back and compared; a set counts as present on the target only with its
 manifest.  So an interrupted copy leaves a set without a manifest, which
 duplicity ignores and the next copy replaces.  An incremental is copied only
-onto the set it continues: a target never gets a chain with a hole.
+onto the set it continues, and never beside another incremental that continues
+it already: a target never gets a chain with a hole or a fork.
 """
 
 from __future__ import annotations
@@ -136,26 +137,38 @@ class CopyPlan:
         return [name for backup_set in self.copy for name in backup_set.in_copy_order()]
 
 
-def copy_plan(source: Sequence[str], target: Sequence[str]) -> CopyPlan:
+def copy_plan(
+    source: Sequence[str], target: Sequence[str], *, newer_only: bool = False
+) -> CopyPlan:
     """How to make ``target`` (its file names) hold every whole set of ``source``
-    that can continue a chain there.  Pure."""
+    that can continue a chain there; with ``newer_only``, only those newer than
+    everything whole on ``target`` (what it missed, not what its retention
+    removed).  Pure."""
     source_sets = backup_sets(source)
     target_sets = backup_sets(target)
     whole_on_target = {key for key, found in target_sets.items() if found.manifest}
+    newest = max((end for _start, end in whole_on_target), default="")
+    if newer_only:
+        source_sets = {key: found for key, found in source_sets.items() if key[1] > newest}
     ends = {end for _start, end in whole_on_target}
+    continued = {start for start, _end in whole_on_target if start is not None}
     delete: list[str] = []
     copy: list[BackupSetFiles] = []
     skipped: list[BackupSetFiles] = []
     for key, found in sorted(source_sets.items(), key=lambda item: item[0][1]):
         if found.manifest is None or key in whole_on_target:
             continue  # not whole on the source (a backup in progress), or already there
-        if found.start is not None and found.start not in ends:
+        if found.start is not None and (found.start not in ends or found.start in continued):
+            # It would continue nothing there, or fork a chain that another
+            # incremental continues already (made while this one was unreachable).
             skipped.append(found)
             continue
         if key in target_sets:
             delete.extend(target_sets[key].names())  # an interrupted copy's part
         copy.append(found)
         ends.add(found.end)
+        if found.start is not None:
+            continued.add(found.start)
     return CopyPlan(tuple(delete), tuple(copy), tuple(skipped))
 
 
@@ -206,16 +219,18 @@ class CopyResult:
     skipped: tuple[str, ...] = ()
 
 
-def copy_collection(source: Target, target: Target, tempdir: Path) -> CopyResult:
+def copy_collection(
+    source: Target, target: Target, tempdir: Path, *, newer_only: bool = False
+) -> CopyResult:
     """Copy every whole set of ``source`` that ``target`` lacks (see the module).
 
     Raises :class:`CommandError` naming the (masked) target when a backend
     cannot be listed, read or written; what was copied before stays and
     counts at the next copy.
     """
-    source_names = _listing(source)
-    target_names = _listing(target)
-    plan = copy_plan(source_names, target_names)
+    source_names = listing(source)
+    target_names = listing(target)
+    plan = copy_plan(source_names, target_names, newer_only=newer_only)
     if plan.copy or plan.delete:
         tempdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         request = {
@@ -261,7 +276,8 @@ def _network(target: Target) -> dict[str, int]:
     return {name: value for name, value in settings.items() if value is not None}
 
 
-def _listing(target: Target) -> list[str]:
+def listing(target: Target) -> list[str]:
+    """The names in ``target``'s collection; raises :class:`CommandError` (one line)."""
     try:
         return list(list_backend(target.url, environment(target), secrets(target)))
     except CommandFailed as failure:
@@ -306,7 +322,7 @@ def delete_collection(target: Target) -> int:
     and signatures: nothing else there) through duplicity's backend; returns how
     many.  A ``file://`` collection's directory goes too when that leaves it
     empty.  Raises :class:`CommandError`."""
-    names = [name for name in _listing(target) if _SET_FILE.match(name)]
+    names = [name for name in listing(target) if _SET_FILE.match(name)]
     if names:
         try:
             run_command(

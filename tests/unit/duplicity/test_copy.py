@@ -77,3 +77,20 @@ def test_the_collection_of_a_listing_is_its_whole_chains() -> None:
     collection = collection_of(names)
     assert [[s.id for s in chain.sets] for chain in collection.chains] == [[T1, T2], [T4]]
     assert [s.kind for s in collection.chains[0].sets] == ["full", "incremental"]
+
+
+def test_an_incremental_never_forks_a_chain_on_the_target() -> None:
+    """The target went on without the source meanwhile (T1->T3 made there while the
+    source was unreachable): the source's T1->T2 would make two heads."""
+    plan = copy_plan([*full(T1), *inc(T1, T2), *inc(T2, T4)], [*full(T1), *inc(T1, T3)])
+    assert plan.copy == ()
+    assert [backup_set.key for backup_set in plan.skipped] == [(T1, T2), (T2, T4)]
+
+
+def test_catching_up_copies_only_what_is_newer_than_the_target_has() -> None:
+    """A mirror keeps more chains than the first destination: catching the first one
+    up brings back only the sets made while it was unreachable."""
+    mirror = [*full(T1), *inc(T1, T2), *full(T3), *inc(T3, T4)]
+    first = [*full(T3)]
+    plan = copy_plan(mirror, first, newer_only=True)
+    assert [backup_set.key for backup_set in plan.copy] == [(T3, T4)]
