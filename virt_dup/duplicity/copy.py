@@ -229,8 +229,8 @@ def copy_collection(
     counts at the next copy.
     """
     source_names = listing(source)
-    target_names = listing(target)
-    plan = copy_plan(source_names, target_names, newer_only=newer_only)
+    target_names = list(listing(target))
+    plan = copy_plan(list(source_names), target_names, newer_only=newer_only)
     if plan.copy or plan.delete:
         tempdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         request = {
@@ -256,6 +256,7 @@ def copy_collection(
             raise CommandError(f"copying to {target.display_url}: {_reason(failure)}") from None
         copied = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
         total = sum(int(entry["bytes"]) for entry in copied)
+        check_sizes(source_names, listing(target), plan.files, target.display_url)
     else:
         total = 0
     deleted = set(plan.delete)
@@ -276,10 +277,30 @@ def _network(target: Target) -> dict[str, int]:
     return {name: value for name, value in settings.items() if value is not None}
 
 
-def listing(target: Target) -> list[str]:
-    """The names in ``target``'s collection; raises :class:`CommandError` (one line)."""
+def check_sizes(
+    source: Mapping[str, int | None],
+    target: Mapping[str, int | None],
+    names: Sequence[str],
+    shown: str,
+) -> None:
+    """Every copied file is on the target, as large as on the source where both
+    backends say sizes (the manifest was read back already; duplicity checks each
+    volume's hash against it at a restore).  Raises :class:`CommandError`."""
+    for name in names:
+        if name not in target:
+            raise CommandError(f"copying to {shown}: {name} is not there after the copy")
+        expected, found = source.get(name), target[name]
+        if expected is not None and found is not None and expected != found:
+            raise CommandError(
+                f"copying to {shown}: {name} has {found} bytes there, {expected} here"
+            )
+
+
+def listing(target: Target) -> dict[str, int | None]:
+    """The names (and sizes, where the backend says) in ``target``'s collection;
+    raises :class:`CommandError` (one line)."""
     try:
-        return list(list_backend(target.url, environment(target), secrets(target)))
+        return list_backend(target.url, environment(target), secrets(target))
     except CommandFailed as failure:
         raise CommandError(f"cannot list {target.display_url}: {_reason(failure)}") from None
 

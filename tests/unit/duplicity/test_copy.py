@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from virt_dup.duplicity.copy import backup_sets, collection_of, copy_plan
+import pytest
+
+from virt_dup.duplicity.copy import backup_sets, check_sizes, collection_of, copy_plan
+from virt_dup.errors import CommandError
 
 T1, T2, T3, T4 = "20261201T020000Z", "20261202T020000Z", "20261203T020000Z", "20261204T020000Z"
 
@@ -94,3 +97,13 @@ def test_catching_up_copies_only_what_is_newer_than_the_target_has() -> None:
     first = [*full(T3)]
     plan = copy_plan(mirror, first, newer_only=True)
     assert [backup_set.key for backup_set in plan.copy] == [(T3, T4)]
+
+
+def test_a_copy_is_checked_by_the_sizes_the_backends_say() -> None:
+    names = full(T1)
+    sizes: dict[str, int | None] = dict.fromkeys(names, 10)
+    check_sizes(sizes, {**sizes, names[0]: None}, names, "sftp://h//b")  # unknown: fine
+    with pytest.raises(CommandError, match=r"has 9 bytes there, 10 here"):
+        check_sizes(sizes, {**sizes, names[0]: 9}, names, "sftp://h//b")
+    with pytest.raises(CommandError, match=r"is not there after the copy"):
+        check_sizes(sizes, {name: 10 for name in names[1:]}, names, "sftp://h//b")
