@@ -272,7 +272,7 @@ class Duplicity:
         """
         problem = local_directory_problem(target.url)
         if problem is not None:
-            raise CommandError(f"duplicity {what} {target.display_url}: {problem}")
+            raise CommandError(f"cannot use the backend {target.display_url}: {problem}")
         if target.tempdir is not None:
             target.tempdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         read_end, write_end = os.pipe()
