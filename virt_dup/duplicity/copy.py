@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from virt_dup.config.options import split_password
 from virt_dup.duplicity.collection import BackupSet, Chain, Collection
-from virt_dup.duplicity.listing import duplicity_interpreter, file_url_path, list_backend
+from virt_dup.duplicity.listing import (
+    SET_FILE,
+    duplicity_interpreter,
+    file_url_path,
+    list_backend,
+)
 from virt_dup.duplicity.target import Target, environment, secrets
 from virt_dup.duplicity.times import parse_time
 from virt_dup.errors import CommandError
@@ -40,12 +44,6 @@ from virt_dup.execute import run as run_command
 
 #: How long copying one job's new sets may take.
 COPY_TIMEOUT_S = 6 * 3600.0
-
-_SET_FILE = re.compile(
-    r"^duplicity-(?:(?P<full>full)(?:-signatures)?\.(?P<time>\d{8}T\d{6}Z)"
-    r"|(?:inc|new-signatures)\.(?P<start>\d{8}T\d{6}Z)\.to\.(?P<end>\d{8}T\d{6}Z))"
-    r"\.(?P<kind>vol(?P<volume>\d+)\.difftar|manifest|sigtar)(?:\.gz|\.gpg|\.z)?$"
-)
 
 
 @dataclass
@@ -76,8 +74,8 @@ def backup_sets(names: Sequence[str]) -> dict[tuple[str | None, str], BackupSetF
     """The backup sets the file names of a collection make up, by (start, end)."""
     sets: dict[tuple[str | None, str], BackupSetFiles] = {}
     for name in names:
-        match = _SET_FILE.match(name)
-        if not match:
+        match = SET_FILE.match(name)
+        if not match or match["part"]:
             continue
         start, end = (None, match["time"]) if match["full"] else (match["start"], match["end"])
         found = sets.setdefault((start, end), BackupSetFiles(start, end))
@@ -343,7 +341,7 @@ def delete_collection(target: Target) -> int:
     and signatures: nothing else there) through duplicity's backend; returns how
     many.  A ``file://`` collection's directory goes too when that leaves it
     empty.  Raises :class:`CommandError`."""
-    names = [name for name in listing(target) if _SET_FILE.match(name)]
+    names = [name for name in listing(target) if SET_FILE.match(name)]
     if names:
         try:
             run_command(

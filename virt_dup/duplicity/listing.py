@@ -31,10 +31,14 @@ LISTING_TIMEOUT_S = 300.0
 
 
 # -- backend listings (pure parts) ---------------------------------------------------
-_SET_FILE = re.compile(
+#: A file of a backup set, as duplicity names it: ``full`` and ``time`` for a full,
+#: ``start`` and ``end`` for an incremental; ``kind`` (``volN.difftar``,
+#: ``manifest``, ``sigtar``), ``volume``; ``part``: a partial local copy.
+SET_FILE = re.compile(
     r"^duplicity-(?:(?P<full>full)(?:-signatures)?\.(?P<time>\d{8}T\d{6}Z)"
-    r"|(?:inc|new-signatures)\.\d{8}T\d{6}Z\.to\.(?P<end>\d{8}T\d{6}Z))"
-    r"\.(?:vol\d+\.difftar|manifest|sigtar)(?:\.gz|\.gpg|\.z)?(?:\.part)?$"
+    r"|(?:inc|new-signatures)\.(?P<start>\d{8}T\d{6}Z)\.to\.(?P<end>\d{8}T\d{6}Z))"
+    r"\.(?P<kind>vol(?P<volume>\d+)\.difftar|manifest|sigtar)(?:\.gz|\.gpg|\.z)?"
+    r"(?P<part>\.part)?$"
 )
 
 
@@ -47,7 +51,7 @@ def set_sizes(entries: Mapping[str, int | None]) -> dict[tuple[str, str], int | 
     """
     sizes: dict[tuple[str, str], int | None] = {}
     for name, size in entries.items():
-        match = _SET_FILE.match(name)
+        match = SET_FILE.match(name)
         if not match:
             continue
         key = ("full", match["time"]) if match["full"] else ("incremental", match["end"])
@@ -59,7 +63,7 @@ def set_sizes(entries: Mapping[str, int | None]) -> dict[tuple[str, str], int | 
 
 def encrypted_on_backend(names: Iterable[str]) -> bool | None:
     """Whether the collection's files are gpg-encrypted (``None``: no backup files)."""
-    kinds = {name.endswith(".gpg") for name in names if _SET_FILE.match(name)}
+    kinds = {name.endswith(".gpg") for name in names if SET_FILE.match(name)}
     if not kinds:
         return None
     return True in kinds
@@ -73,7 +77,7 @@ def unencrypted_files(names: Iterable[str]) -> list[str]:
     of the volumes it decrypts: one of these in a collection would be
     restored without any check, whatever ``--sign-key`` says.
     """
-    return sorted(name for name in names if _SET_FILE.match(name) and ".gpg" not in name)
+    return sorted(name for name in names if SET_FILE.match(name) and ".gpg" not in name)
 
 
 def job_directories(names: Iterable[str]) -> list[str]:
