@@ -180,9 +180,9 @@ def check_job(
         findings.append(
             Finding(PROBLEM, subject, "no backend", f"set defaults.backends in {config.path}")
         )
-    else:
+    for backend in backends:  # every destination gets the whole backup
         try:
-            directory = file_backend_directory(config.backend_url(backends[0]))
+            directory = file_backend_directory(config.backend_url(backend))
         except ConfigError as error:
             findings.append(Finding(PROBLEM, subject, str(error)))
         else:

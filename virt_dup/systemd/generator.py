@@ -171,15 +171,18 @@ def file_backend_directory(url: str) -> str | None:
     return urllib.parse.unquote(parts.path) if parts.scheme == "file" else None
 
 
-def backend_directory(config: Config, job: Job) -> str | None:
-    """The directory of the job's backend when it is a ``file://`` one."""
-    backends = job.options.over(config.defaults).backends or ()
-    if not backends:
-        return None
-    try:
-        return file_backend_directory(config.backend_url(backends[0]))
-    except ConfigError:
-        return None  # the run says so
+def backend_directories(config: Config, job: Job) -> list[str]:
+    """The directories of the job's ``file://`` destinations (every one: a run
+    writes its backup to the first and copies it to the others)."""
+    directories = []
+    for backend in job.options.over(config.defaults).backends or ():
+        try:
+            directory = file_backend_directory(config.backend_url(backend))
+        except ConfigError:
+            continue  # the run says so
+        if directory is not None:
+            directories.append(directory)
+    return directories
 
 
 def shared_writable_paths(config: Config) -> list[str]:
@@ -218,11 +221,11 @@ def render_job_paths(
     # generator and the services run as the manager's user, so the default
     # resolves alike for both.
     common = [*disk_directories(disks), *shared_writable_paths(config), str(config.gnupg_directory)]
-    backend = backend_directory(config, job)
+    backends = backend_directories(config, job)
     files: dict[str, str] = {}
     warnings: list[str] = []
     for kind in TIMER_KINDS:
-        paths = [*common, *([backend] if backend else [])]
+        paths = [*common, *backends]
         if kind is VERIFY:
             paths.append(VERIFY_SCRATCH)
         text, problems = render_paths_drop_in(paths, f"job {job.uuid}", source)

@@ -272,6 +272,19 @@ def test_each_jobs_services_may_write_its_disks_backend_keys_and_nothing_else() 
     ]
 
 
+def test_every_file_destination_of_a_job_is_writable() -> None:
+    """A run writes its backup to the first destination and copies it to the others."""
+    config = parse_config(
+        "backends:\n  here: file:///srv/a\n  there: sftp://b@h/x\n"
+        "  also:\n    url: file:///mnt/usb\n    full_retention: 4\n"
+        "defaults:\n  backends: [here, there, also]\n",
+        Path("c.yml"),
+    )
+    domain = domain_with_disks("<source file='/srv/vm/a.qcow2'/>")
+    generated = render_units(config, [("vm.xml", domain)])
+    assert writable(generated, f"virt-dup@{JOB_ID}.service")[-2:] == ['"-/srv/a"', '"-/mnt/usb"']
+
+
 def test_recovery_may_write_the_disks_of_every_domain_also_those_without_jobs() -> None:
     generated = render_units(
         parse_config("", Path("c.yml")),
