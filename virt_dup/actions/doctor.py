@@ -24,11 +24,12 @@ import libvirt
 from virt_dup.actions.check_config import check_config
 from virt_dup.config.load import Config
 from virt_dup.duplicity.target import DEFAULT_VOLSIZE_MB
-from virt_dup.errors import CommandError, ConfigError, LibvirtError, NotFoundError
+from virt_dup.errors import CommandError, ConfigError, LibvirtError, NotFoundError, UsageError
 from virt_dup.files import human_size
 from virt_dup.images.chain import read_chain
 from virt_dup.libvirt.connection import Hypervisor
 from virt_dup.libvirt.domain_xml import Disk, select_disks
+from virt_dup.libvirt.locality import require_local_disks, transport_warning
 from virt_dup.libvirt.metadata import Job
 from virt_dup.systemd.generator import (
     TARGET,
@@ -91,6 +92,17 @@ def doctor(
     findings = [
         Finding(PROBLEM, "configuration", problem) for problem in check_config(config).problems
     ]
+    try:
+        require_local_disks(config.libvirt_uri)
+    except UsageError as error:
+        # Every run would be refused: say so, and do not connect there.
+        findings.append(
+            Finding(PROBLEM, "libvirt", str(error), f"set libvirt.uri in {config.path}")
+        )
+        return findings
+    warning = transport_warning(config.libvirt_uri)
+    if warning is not None:
+        findings.append(Finding(WARNING, "libvirt", warning))
     try:
         connection = hypervisor()
         domains: JobsOfDomains = list(connection.all_jobs())
