@@ -123,3 +123,12 @@ def same_content(image: str, other: str) -> bool:
             return False
         raise
     return True
+
+
+def apply_changes(top: str, changes: str, timeout_s: float = QEMU_IMG_TIMEOUT_S) -> None:
+    """Write the clusters a changed-block file (a qcow2 holding only what changed)
+    holds into the qcow2 ``top``: it is made to name ``top`` as its backing file,
+    then committed into it.  ``changes`` is left empty of data; the caller
+    deletes it."""
+    rebase_unsafe(changes, "qcow2", top, "qcow2")
+    run_qemu_img("commit", "-q", "-f", "qcow2", changes, timeout_s=timeout_s)
