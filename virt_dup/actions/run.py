@@ -31,6 +31,7 @@ import libvirt
 
 from virt_dup.actions.status import refresh_metrics
 from virt_dup.alerts.send import Pings
+from virt_dup.backup.checksums import ChecksumCache
 from virt_dup.backup.manifest import write_metadata
 from virt_dup.backup.overlay import (
     MERGE_TIMEOUT_SECONDS,
@@ -89,6 +90,8 @@ class RunResult(journal.Outcome):
     disks: list[str] = field(default_factory=list)
     bytes_read: int = 0
     bytes_uploaded: int = 0
+    #: Bytes of image files read for their checksums (untouched ones are remembered).
+    bytes_hashed: int = 0
     backup_time: str | None = None
     #: Per destination (its masked URL): ``result`` and ``message`` of this run.
     destinations: dict[str, dict[str, object]] = field(default_factory=dict)
@@ -111,6 +114,7 @@ class RunResult(journal.Outcome):
             "DISKS": ",".join(self.disks) or None,
             "BYTES_READ": self.bytes_read,
             "BYTES_UPLOADED": self.bytes_uploaded,
+            "BYTES_HASHED": self.bytes_hashed,
         }
 
 
@@ -404,7 +408,10 @@ class _Run:
         # The files themselves, never a symbolic link to them: duplicity backs up
         # a link as a link.
         metadata = Path(os.path.realpath(self.store.metadata_dir(plan.job.uuid)))
-        write_metadata(metadata, plan, domain_xml)
+        checksums = ChecksumCache(self.store.directory / "checksums" / f"{plan.job.uuid}.json")
+        write_metadata(metadata, plan, domain_xml, checksums.sha256)
+        checksums.save()
+        result.bytes_hashed = sum(os.stat(path).st_size for path in checksums.hashed)
         files = {f.file: os.stat(f.file).st_size for disk in plan.disks for f in disk.selected}
         files |= {os.fspath(path): path.stat().st_size for path in metadata.iterdir()}
         includes = [*dict.fromkeys(f.file for disk in plan.disks for f in disk.selected)]

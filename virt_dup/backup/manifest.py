@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -352,13 +352,18 @@ def manifest_of(plan: Plan, checksums: Mapping[str, str]) -> Manifest:
     )
 
 
-def write_metadata(directory: Path, plan: Plan, domain_xml: str) -> Manifest:
+def write_metadata(
+    directory: Path,
+    plan: Plan,
+    domain_xml: str,
+    checksum: Callable[[str], str] = sha256_file,
+) -> Manifest:
     """The metadata folder backed up with the disks: the manifest (the domain,
-    the job, the chain layout, checksums), the domain XML and ``SHA256SUMS``.
-    Returns the manifest."""
+    the job, the chain layout, checksums: ``checksum`` of each file), the domain
+    XML and ``SHA256SUMS``.  Returns the manifest."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     checksums = {
-        chain_file.path: sha256_file(chain_file.file)
+        chain_file.path: checksum(chain_file.file)
         for disk in plan.disks
         for chain_file in disk.selected
     }

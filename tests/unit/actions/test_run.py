@@ -73,6 +73,7 @@ def test_details_of_a_backup() -> None:
         "DISKS": "vda,vdb",
         "BYTES_READ": 7,
         "BYTES_UPLOADED": 3,
+        "BYTES_HASHED": 0,
     }
 
 
@@ -110,6 +111,7 @@ def test_as_status_has_the_status_file_keys(monkeypatch: pytest.MonkeyPatch) -> 
         "disks",
         "bytes_read",
         "bytes_uploaded",
+        "bytes_hashed",
         "backup_time",
     }
     assert json.loads(json.dumps(status)) == status
