@@ -65,6 +65,9 @@ from virt_dup.systemd import journal
 
 log = logging.getLogger(__name__)
 
+#: How long a run waits for one of the host's run slots (``max_parallel_runs``):
+#: below the run units' TimeoutStartSec=12h, so the run says why it gave up.
+RUN_SLOT_WAIT_S = 11 * 3600.0
 #: Merges of one disk, when libvirtd went away during one (reconnecting in between).
 _MERGE_ATTEMPTS = 3
 
@@ -314,8 +317,18 @@ class _Run:
         plan = make_plan(self.config, self.duplicity, disks, running, self.job, force_full)
         result.full = plan.full
         result.disks = [disk.target for disk in plan.disks]
-        wait_past_last_backup(plan.collection)
-        self.back_up(plan, result, domain_xml)
+        # Recovery above never waits for a slot; the backup does, before any overlay.
+        with self.store.run_slot(
+            self.config.max_parallel_runs,
+            RUN_SLOT_WAIT_S,
+            lambda: log.info(
+                "domain %s: waiting for a free run slot (max_parallel_runs: %d)",
+                name,
+                self.config.max_parallel_runs,
+            ),
+        ):
+            wait_past_last_backup(plan.collection)
+            self.back_up(plan, result, domain_xml)
 
     def back_up(self, plan: Plan, result: RunResult, domain_xml: str) -> None:
         """Steps 4-7: record the plan, overlays on, back up, merge back, retention."""

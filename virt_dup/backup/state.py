@@ -147,6 +147,45 @@ class StateStore:
         finally:
             os.close(descriptor)  # closing releases the flock
 
+    @contextlib.contextmanager
+    def run_slot(
+        self, slots: int, wait_seconds: float, waiting: Callable[[], None] = lambda: None
+    ) -> Iterator[None]:
+        """Hold one of the host's ``slots`` run slots (``max_parallel_runs``): a
+        flock on ``slot-<n>.lock`` in the host's lock directory, released when the
+        process ends however it ends.  ``waiting`` is called once when all are
+        taken.  Raises :class:`LockTimeout` after ``wait_seconds``."""
+        make_directories(self.lock_directory, 0o700)
+        descriptors = []
+        try:
+            for number in range(slots):
+                path = self.lock_directory / f"slot-{number}.lock"
+                descriptors.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            deadline = self.clock() + wait_seconds
+            told = False
+            while True:
+                for descriptor in descriptors:
+                    try:
+                        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue
+                    os.ftruncate(descriptor, 0)
+                    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+                    yield
+                    return
+                if self.clock() >= deadline:
+                    raise LockTimeout(
+                        f"all {slots} run slots of this host stayed taken for {wait_seconds:.0f} s "
+                        "(max_parallel_runs)"
+                    )
+                if not told:
+                    waiting()
+                    told = True
+                time.sleep(0.5)
+        finally:
+            for descriptor in descriptors:
+                os.close(descriptor)
+
     def lock_holder(self, domain_uuid: str) -> str | None:
         """Who holds the domain's lock now: the holder's pid (``"unknown"`` when it
         wrote none), or None when it is free.  Creates nothing and holds nothing

@@ -26,6 +26,7 @@ from virt_dup.config.options import (
     JobOptions,
     is_backend_url,
     masked_url,
+    parse_count,
     parse_options,
     split_password,
 )
@@ -36,6 +37,11 @@ DEFAULT_PATH = Path("/etc/virt-dup/virt-dup.yml")
 PATH_ENVIRONMENT = "VIRT_DUP_CONFIG"
 
 SCOPES = ("system", "user")
+
+#: Backups reading at once on one host: two keep a disk (or a 2-core host's
+#: gpg and duplicity) busy without thrashing; many timers on one schedule
+#: otherwise all read at 02:00.
+DEFAULT_MAX_PARALLEL_RUNS = 2
 
 #: The key of examples/virt-dup.yml: no one has its secret half.  ``virt-dup
 #: init`` replaces it; check-config and add-job refuse it.
@@ -172,6 +178,8 @@ class Config:
     cache_dir: Path | None = None
     #: Spread timer starts (systemd ``RandomizedDelaySec=``), e.g. "10min".
     randomized_delay: str | None = None
+    #: How many backups of this host read their disks at once; more wait their turn.
+    max_parallel_runs: int = DEFAULT_MAX_PARALLEL_RUNS
     #: Deprecation notices found while loading (printed once by the CLI).
     notices: tuple[str, ...] = ()
     #: Whom virt-dup runs as (injectable, like a clock): the directory defaults of
@@ -433,6 +441,7 @@ _TOP_LEVEL = (
     "state_dir",
     "cache_dir",
     "randomized_delay",
+    "max_parallel_runs",
     "policy",
     "restore",
     "alerts",
@@ -509,6 +518,10 @@ class _Loader:
             if "://" not in name and name not in backends:
                 raise self.error("defaults.backends", "a backend defined under backends:", name)
 
+        max_parallel_runs = parse_count(
+            sections.get("max_parallel_runs", DEFAULT_MAX_PARALLEL_RUNS),
+            f"{self.path}: max_parallel_runs",
+        )
         randomized_delay = sections.get("randomized_delay")
         if randomized_delay is not None:
             randomized_delay = self.timespan(randomized_delay, "randomized_delay")
@@ -536,6 +549,7 @@ class _Loader:
             state_dir=self.optional_path(sections, "state_dir"),
             cache_dir=self.optional_path(sections, "cache_dir"),
             randomized_delay=randomized_delay,
+            max_parallel_runs=max_parallel_runs,
             notices=tuple(self.notices),
         )
 

@@ -74,6 +74,22 @@ def test_lock_held_by_another_process_times_out_clearly(tmp_path: Path) -> None:
         assert (tmp_path / "locks" / f"{DOMAIN}.lock").read_text().strip() == str(os.getpid())
 
 
+def test_run_slots_bound_the_runs_of_a_host(tmp_path: Path) -> None:
+    """Two slots: two runs read at once, a third waits (and says so once), and gets
+    one as soon as a run ends."""
+    store = StateStore(tmp_path, tmp_path / "locks")
+    told: list[str] = []
+    with store.run_slot(2, 1.0), store.run_slot(2, 1.0):
+        with (
+            pytest.raises(LockTimeout, match=r"all 2 run slots of this host stayed taken"),
+            store.run_slot(2, 0.6, lambda: told.append("waiting")),
+        ):
+            pass
+        assert told == ["waiting"]
+    with store.run_slot(2, 0.1):  # released when the holders' descriptors closed
+        pass
+
+
 def test_status_keeps_last_success_and_last_error(tmp_path: Path) -> None:
     store = StateStore(tmp_path, tmp_path / "locks")
     job = "11111111-2222-4333-8444-555555555555"
