@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,7 +192,9 @@ source = open_backend(request["source"], request["source_password"])
 target = open_backend(request["target"], request["target_password"])
 if request["delete"]:
     target.delete(request["delete"])
-with tempfile.TemporaryDirectory(dir=request["tempdir"]) as scratch:
+with tempfile.TemporaryDirectory(
+    prefix="duplicity-copy-", suffix="-tempdir", dir=request["tempdir"]
+) as scratch:
     for name in request["copy"]:
         local = path.Path(os.path.join(scratch, "file"))
         source.get(name, local)
@@ -231,6 +234,10 @@ def copy_collection(
     plan = copy_plan(list(source_names), target_names, newer_only=newer_only)
     if plan.copy or plan.delete:
         tempdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # What a killed copy left (the caller holds the domain's lock: no copy
+        # of this job runs now).
+        for leftover in tempdir.glob("duplicity-copy-*-tempdir"):
+            shutil.rmtree(leftover, ignore_errors=True)
         request = {
             "source": _plain(source),
             "target": _plain(target),
