@@ -357,26 +357,6 @@ def test_a_two_disk_domain_restored_as_a_copy_next_to_the_original(
     assert sorted(path.name for path in only.iterdir()) == ["vdb"]
 
 
-def test_backups_and_restore_over_sftp(make_domain, environment, tmp_path, sftp_server) -> None:
-    backend = f"{sftp_server}{tmp_path}/remote"
-    config = environment.config.read_text()
-    environment.config.write_text(config.replace(f"file://{environment.backend}", backend))
-    vm = prepared(make_domain, running=False)
-    top = vm.images["vda"][-1]
-    job = environment.virt_dup("add-job", vm.name).stdout.strip()
-    view = guest_view(top, tmp_path / "view.qcow2")
-    environment.virt_dup("run", job)
-
-    (found,) = backups_json(environment, "--backend", backend)
-    assert (found["job"], found["domain"]["name"]) == (job, vm.name)
-    (entry,) = found["backups"]
-    assert entry["type"] == "full" and entry["size"] is None  # sftp does not say sizes
-
-    target = tmp_path / "restored"
-    environment.virt_dup("restore", vm.name, "--backend", backend, "--target-dir", str(target))
-    assert same_guest_view(target / "vda" / "vm.qcow2", view)
-
-
 def test_a_stopped_in_place_restore_leaves_the_disks_as_they_were(
     make_domain, environment, tmp_path
 ) -> None:
