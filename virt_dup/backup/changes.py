@@ -42,6 +42,8 @@ class DiskRecord:
 
     top: str
     top_identity: TopIdentity
+    #: The top's virtual size: a resized disk is read whole (a delta is of one size).
+    virtual_size: int = 0
     #: The selected files below the top, path -> identity.
     below: Mapping[str, FileIdentity] = field(default_factory=dict)
 
@@ -64,6 +66,7 @@ class ChangesRecord:
                 dev: {
                     "top": disk.top,
                     "top_identity": list(disk.top_identity),
+                    "virtual_size": disk.virtual_size,
                     "below": {path: list(identity) for path, identity in disk.below.items()},
                 }
                 for dev, disk in self.disks.items()
@@ -82,7 +85,12 @@ class ChangesRecord:
             }
             if len(top_identity) != 2 or any(len(identity) != 5 for identity in below.values()):
                 raise ValueError(f"disk {dev}: identities of the wrong length")
-            disks[str(dev)] = DiskRecord(str(disk["top"]), top_identity, below)  # type: ignore[arg-type]
+            disks[str(dev)] = DiskRecord(
+                str(disk["top"]),
+                top_identity,  # type: ignore[arg-type]
+                int(disk["virtual_size"]),
+                below,  # type: ignore[arg-type]
+            )
         return cls(str(data["checkpoint"]), str(data["base_set"]), str(data["previous_set"]), disks)
 
 
@@ -102,6 +110,7 @@ class PlannedDisk:
     target: str
     top: str
     below: Sequence[str]
+    virtual_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -174,6 +183,8 @@ def _disk_reasons(
 ) -> Iterator[str]:
     if disk.top != known.top or top_identity(disk.top) != known.top_identity:
         yield f"disk {disk.target}: its top is another file than at the last run"
+    if disk.virtual_size != known.virtual_size:
+        yield f"disk {disk.target}: resized since the last run"
     if set(disk.below) != set(known.below):
         yield f"disk {disk.target}: its chain below the top changed"
         return

@@ -27,9 +27,9 @@ RECORD = ChangesRecord(
     checkpoint=CHECKPOINT,
     base_set="20261201T020000Z",
     previous_set="20261202T020000Z",
-    disks={"vda": DiskRecord(TOP, (1, 10), {BASE: BASE_ID})},
+    disks={"vda": DiskRecord(TOP, (1, 10), 64 << 20, {BASE: BASE_ID})},
 )
-DISKS = [PlannedDisk("vda", TOP, [BASE])]
+DISKS = [PlannedDisk("vda", TOP, [BASE], 64 << 20)]
 
 
 def decision(**changes):
@@ -60,9 +60,10 @@ def test_everything_as_the_last_run_left_it_reads_changed_blocks() -> None:
         ({"record": None}, "no earlier run left a checkpoint"),
         ({"checkpoints": ["users-own"]}, f"checkpoint {CHECKPOINT} is gone"),
         ({"disks": [*DISKS, PlannedDisk("vdb", "/x.qcow2", [])]}, "not the ones the checkpoint"),
-        ({"disks": [PlannedDisk("vda", "/images/vm/new.qcow2", [BASE])]}, "another file"),
+        ({"disks": [PlannedDisk("vda", "/images/vm/new.qcow2", [BASE], 64 << 20)]}, "another"),
+        ({"disks": [PlannedDisk("vda", TOP, [BASE], 128 << 20)]}, "resized"),
         ({"top_identity": lambda _path: (1, 11)}, "another file"),  # replaced in place
-        ({"disks": [PlannedDisk("vda", TOP, [])]}, "its chain below the top changed"),
+        ({"disks": [PlannedDisk("vda", TOP, [], 64 << 20)]}, "its chain below the top changed"),
         ({"identity": lambda _path: (1, 2, 3, 4, 6)}, f"{BASE} changed since"),
     ],
     ids=[
@@ -73,6 +74,7 @@ def test_everything_as_the_last_run_left_it_reads_changed_blocks() -> None:
         "checkpoint-gone",
         "disk-added",
         "top-renamed",
+        "resized",
         "top-replaced",
         "chain-shortened",
         "base-written",
