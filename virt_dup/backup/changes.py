@@ -87,7 +87,7 @@ class ChangesRecord:
                 raise ValueError(f"disk {dev}: identities of the wrong length")
             disks[str(dev)] = DiskRecord(
                 str(disk["top"]),
-                top_identity,  # type: ignore[arg-type]
+                top_identity,
                 int(disk["virtual_size"]),
                 below,  # type: ignore[arg-type]
             )
