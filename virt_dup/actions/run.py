@@ -31,8 +31,23 @@ import libvirt
 
 from virt_dup.actions.status import refresh_metrics
 from virt_dup.alerts.send import Pings
+from virt_dup.backup.changes import (
+    CHANGES,
+    WHOLE,
+    ChangedBlockRun,
+    decide,
+    load_record,
+    planned_disks,
+    record_of,
+    top_identity_of,
+)
 from virt_dup.backup.checksums import ChecksumCache
-from virt_dup.backup.manifest import write_metadata
+from virt_dup.backup.manifest import (
+    ChangedDisk,
+    ChangesManifest,
+    write_changes_metadata,
+    write_metadata,
+)
 from virt_dup.backup.overlay import (
     MERGE_TIMEOUT_SECONDS,
     OverlayRefused,
@@ -50,13 +65,22 @@ from virt_dup.backup.plan import (
 from virt_dup.backup.recovery import PendingMerge, pending_recovery, recover_domain
 from virt_dup.backup.state import RunRecord, StateStore
 from virt_dup.config.load import Config
-from virt_dup.config.options import interval_length, masked_url
+from virt_dup.config.options import JobOptions, interval_length, masked_url
 from virt_dup.duplicity.collection import Collection
-from virt_dup.duplicity.copy import copy_collection
-from virt_dup.duplicity.protocol import BackupProgress
+from virt_dup.duplicity.copy import collection_of, copy_collection, listing, prune_changes
+from virt_dup.duplicity.protocol import BackupProgress, BackupStats
 from virt_dup.duplicity.runner import Duplicity
+from virt_dup.duplicity.target import Target, changes_target
+from virt_dup.duplicity.times import format_time
 from virt_dup.errors import LibvirtError, VirtDupError
-from virt_dup.files import file_errors_reported, human_size, interruptible, signals_deferred
+from virt_dup.files import (
+    file_errors_reported,
+    human_size,
+    interruptible,
+    sha256_file,
+    signals_deferred,
+)
+from virt_dup.libvirt.checkpoints import ChangedBlocks, ChangesUnavailable
 from virt_dup.libvirt.connection import Hypervisor
 from virt_dup.libvirt.domain_xml import parse_disks
 from virt_dup.libvirt.locality import require_local_disks
@@ -68,6 +92,8 @@ log = logging.getLogger(__name__)
 #: How long a run waits for one of the host's run slots (``max_parallel_runs``):
 #: below the run units' TimeoutStartSec=12h, so the run says why it gave up.
 RUN_SLOT_WAIT_S = 11 * 3600.0
+#: How long libvirt may take to write the changed blocks of one run.
+CHANGES_TIMEOUT_S = 3600.0
 #: Merges of one disk, when libvirtd went away during one (reconnecting in between).
 _MERGE_ATTEMPTS = 3
 
@@ -95,6 +121,10 @@ class RunResult(journal.Outcome):
     bytes_uploaded: int = 0
     #: Bytes of image files read for their checksums (untouched ones are remembered).
     bytes_hashed: int = 0
+    #: ``changes`` (only what the guest wrote since the last backup) or ``whole``.
+    read: str = WHOLE
+    #: Why a job that reads changed blocks read whole files this time.
+    read_reason: str = ""
     backup_time: str | None = None
     #: Per destination (its masked URL): ``result`` and ``message`` of this run.
     destinations: dict[str, dict[str, object]] = field(default_factory=dict)
@@ -118,6 +148,8 @@ class RunResult(journal.Outcome):
             "BYTES_READ": self.bytes_read,
             "BYTES_UPLOADED": self.bytes_uploaded,
             "BYTES_HASHED": self.bytes_hashed,
+            "READ": self.read if self.full is not None else None,
+            "READ_REASON": self.read_reason or None,
         }
 
 
@@ -317,6 +349,9 @@ class _Run:
         plan = make_plan(self.config, self.duplicity, disks, running, self.job, force_full)
         result.full = plan.full
         result.disks = [disk.target for disk in plan.disks]
+        changed = self._changed_blocks(plan, running, [disk.target for disk in disks])
+        if changed is not None and changed.decision.read == WHOLE:
+            result.read_reason = changed.decision.reason
         # Recovery above never waits for a slot; the backup does, before any overlay.
         with self.store.run_slot(
             self.config.max_parallel_runs,
@@ -328,10 +363,105 @@ class _Run:
             ),
         ):
             wait_past_last_backup(plan.collection)
-            self.back_up(plan, result, domain_xml)
+            self.back_up(plan, result, domain_xml, changed)
 
-    def back_up(self, plan: Plan, result: RunResult, domain_xml: str) -> None:
-        """Steps 4-7: record the plan, overlays on, back up, merge back, retention."""
+    def _changed_blocks(
+        self, plan: Plan, running: bool, every_disk: list[str]
+    ) -> ChangedBlockRun | None:
+        """The changed-block side of this run: None when the job reads whole files
+        only (``changed_blocks: off``) or the domain is shut off."""
+        if plan.options.changed_blocks != "auto" or not running:
+            return None
+        blocks = ChangedBlocks(self.hypervisor, self.domain)
+        record_path = self.store.directory / "changed-blocks" / f"{plan.job.uuid}.json"
+        record = load_record(record_path)
+        try:
+            checkpoints = blocks.checkpoints(plan.job.uuid)
+        except VirtDupError as error:
+            log.warning("job %s: cannot list checkpoints: %s", plan.job.uuid, error)
+            checkpoints = []
+        decision = decide(
+            enabled=True,
+            running=running,
+            full=plan.full,
+            record=record,
+            checkpoints=checkpoints,
+            disks=planned_disks(plan),
+            top_identity=top_identity_of,
+        )
+        return ChangedBlockRun(blocks, plan.job.uuid, every_disk, record_path, record, decision)
+
+    def back_up(
+        self,
+        plan: Plan,
+        result: RunResult,
+        domain_xml: str,
+        changed: ChangedBlockRun | None = None,
+    ) -> None:
+        """Steps 4-7: the backup (changed blocks, or overlays on, whole files, merge
+        back), retention, copies to the other destinations."""
+        collection_after: Collection | None = plan.collection
+        whole = True
+        if changed is not None and changed.decision.read == CHANGES:
+            try:
+                self._back_up_changes(plan, result, domain_xml, changed)
+                whole = False
+            except ChangesUnavailable as error:
+                log.warning("job %s: %s; reading the whole files", plan.job.uuid, error)
+                result.read_reason = str(error)
+        if whole:
+            collection_after = self._back_up_whole(plan, result, domain_xml, changed)
+        self.duplicity.apply_retention(
+            plan.target, plan.retention or plan.options, collection=collection_after
+        )
+        if plan.options.changed_blocks == "auto":
+            self._changes_retention(plan.target, plan.retention or plan.options)
+        shown = masked_url(plan.backend_url)
+        result.destinations[shown] = {"result": "success", "message": "backed up"}
+        outcomes = [self._copy_to(plan, mirror, result) for mirror in plan.mirrors]
+        failed = [line for line in outcomes if line is not None]
+        if failed:
+            # The backup itself is whole on the first destination (and on every
+            # mirror not named): the run fails so that the unit and its alert say
+            # that a destination lacks it.
+            raise VirtDupError(
+                f"backed up {', '.join(result.disks)} to {shown}, but not to " + "; ".join(failed)
+            )
+        result.result = "success"
+        result.message = f"backed up {', '.join(result.disks)} to " + ", ".join(result.destinations)
+
+    def _back_up_whole(
+        self,
+        plan: Plan,
+        result: RunResult,
+        domain_xml: str,
+        changed: ChangedBlockRun | None,
+    ) -> Collection | None:
+        """Overlays on, the whole files backed up, merged back; returns the collection
+        after it (None: unknown).  With ``changed``, a checkpoint first, and the
+        record the next changed-block read starts from after."""
+        try:
+            if changed is not None:
+                changed.checkpoint_now([disk.target for disk in plan.disks])
+            collection_after = self._back_up_overlaid(plan, result, domain_xml)
+        except BaseException:
+            if changed is not None:
+                changed.failed()
+            raise
+        if changed is not None:
+            last = None if collection_after is None else collection_after.last_backup_time
+            new = changed.new_checkpoint
+            record = None
+            if last is not None and new is not None:
+                set_id = format_time(last)
+                record = record_of(new, set_id, set_id, planned_disks(plan))
+            changed.succeeded(record)
+        return collection_after
+
+    def _back_up_overlaid(
+        self, plan: Plan, result: RunResult, domain_xml: str
+    ) -> Collection | None:
+        """Record the plan, overlays on, back up the whole files, merge back."""
         record = RunRecord(
             job_uuid=plan.job.uuid,
             domain_uuid=self.domain.UUIDString(),
@@ -364,22 +494,87 @@ class _Run:
                     self._merge_back(plan, record)
         if backup_error is not None:
             raise backup_error
-        self.duplicity.apply_retention(
-            plan.target, plan.retention or plan.options, collection=collection_after
+        return collection_after
+
+    def _back_up_changes(
+        self, plan: Plan, result: RunResult, domain_xml: str, changed: ChangedBlockRun
+    ) -> None:
+        """The clusters written since the last backup, as a set of the job's changes
+        collection (docs/changed-blocks.md): no overlay, no run record.  Raises
+        :class:`ChangesUnavailable` before anything is made when libvirt cannot
+        read them (the whole-file path answers that)."""
+        record = changed.record
+        assert record is not None
+        disks = planned_disks(plan)
+        with interruptible("deleting the changed-block files"):
+            files = changed.read_changes(disks, CHANGES_TIMEOUT_S)
+            try:
+                stats = self._store_changes(plan, result, domain_xml, changed, files)
+            except BaseException:
+                changed.failed()
+                raise
+        result.read = CHANGES
+        result.read_reason = ""
+        set_id = None if stats.time is None else format_time(stats.time)
+        next_record = None
+        if set_id is not None and changed.new_checkpoint is not None:
+            next_record = record_of(changed.new_checkpoint, record.base_set, set_id, disks)
+        changed.succeeded(next_record)
+
+    def _store_changes(
+        self,
+        plan: Plan,
+        result: RunResult,
+        domain_xml: str,
+        changed: ChangedBlockRun,
+        files: dict[str, Path],
+    ) -> BackupStats:
+        record = changed.record
+        assert record is not None and changed.new_checkpoint is not None
+        sizes = {disk.target: disk.chain[0].virtual_size for disk in plan.disks}
+        tops = {disk.target: disk.original_top for disk in plan.disks}
+        stored = {target: os.path.realpath(path) for target, path in files.items()}
+        changes = ChangesManifest(
+            base_set=record.base_set,
+            previous_set=record.previous_set,
+            since_checkpoint=record.checkpoint,
+            checkpoint=changed.new_checkpoint,
+            disks=tuple(
+                ChangedDisk(target, tops[target], path, sha256_file(path), sizes[target])
+                for target, path in stored.items()
+            ),
         )
-        shown = masked_url(plan.backend_url)
-        result.destinations[shown] = {"result": "success", "message": "backed up"}
-        outcomes = [self._copy_to(plan, mirror, result) for mirror in plan.mirrors]
-        failed = [line for line in outcomes if line is not None]
-        if failed:
-            # The backup itself is whole on the first destination (and on every
-            # mirror not named): the run fails so that the unit and its alert say
-            # that a destination lacks it.
-            raise VirtDupError(
-                f"backed up {', '.join(result.disks)} to {shown}, but not to " + "; ".join(failed)
+        metadata = Path(os.path.realpath(self.store.metadata_dir(plan.job.uuid)))
+        write_changes_metadata(metadata, plan, domain_xml, changes)
+        expected = {path: os.stat(path).st_size for path in stored.values()}
+        expected |= {os.fspath(path): path.stat().st_size for path in metadata.iterdir()}
+        stall = plan.options.stall_timeout
+        stats = self.duplicity.backup(
+            changes_target(plan.target),
+            [*stored.values(), os.fspath(metadata)],
+            full=True,
+            stall_seconds=interval_length(stall).total_seconds() if stall else None,
+        )
+        check_complete(stats, expected)
+        result.bytes_read = stats.bytes_read
+        result.bytes_uploaded = stats.bytes_uploaded
+        result.bytes_hashed = sum(expected[path] for path in stored.values())
+        return stats
+
+    def _changes_retention(self, target: Target, retention: JobOptions) -> None:
+        """Delete the changed-block sets whose base chain the main collection's
+        retention removed, or which belong to chains that keep no incrementals."""
+        changes = changes_target(target)
+        try:
+            main = self.duplicity.collection_status(target)
+            deleted = prune_changes(changes, main, retention.incremental_retention)
+        except VirtDupError as error:
+            log.warning("job %s: changed-block sets not pruned: %s", target.name, error)
+            return
+        if deleted:
+            log.info(
+                "job %s: deleted %d changed-block set(s) of pruned chains", target.name, deleted
             )
-        result.result = "success"
-        result.message = f"backed up {', '.join(result.disks)} to " + ", ".join(result.destinations)
 
     def _copy_to(self, plan: Plan, mirror: Destination, result: RunResult) -> str | None:
         """Copy the first destination's new sets to ``mirror``, then apply its
@@ -392,6 +587,16 @@ class _Run:
             self.duplicity.apply_retention(
                 mirror.target, mirror.retention, collection=copied.collection
             )
+            if plan.options.changed_blocks == "auto":
+                # Its changed-block sets too, after the sets they apply to.
+                mirror_changes = changes_target(mirror.target)
+                copy_collection(
+                    changes_target(plan.target),
+                    mirror_changes,
+                    self.config.cache_directory / mirror_changes.name,
+                )
+                kept = collection_of(list(listing(mirror.target)))  # after its retention
+                prune_changes(mirror_changes, kept, mirror.retention.incremental_retention)
         except VirtDupError as error:
             result.destinations[shown] = {"result": "failed", "message": str(error)}
             return f"{shown} ({error})"

@@ -12,12 +12,22 @@ failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from virt_dup.backup.plan import Plan
+from virt_dup.errors import VirtDupError
+from virt_dup.files import write_atomically
+from virt_dup.libvirt.checkpoints import ChangedBlocks, checkpoint_name
+
+log = logging.getLogger(__name__)
 
 #: (device, inode) of a disk's top: a top replaced by another file differs (its
 #: size, mtime and ctime change with every guest write and are not compared).
@@ -204,3 +214,121 @@ def changes_file(top: str, job_uuid: str) -> Path:
     (QEMU may write there; the job's cache is root's alone)."""
     path = Path(top)
     return path.with_name(f"{path.stem}.virt-dup-{job_uuid}.changes.qcow2")
+
+
+# -- one run's changed-block side ------------------------------------------------------
+@dataclass
+class ChangedBlockRun:
+    """The changed-block side of one run of a running domain whose job reads
+    changed blocks: the checkpoint it makes, the read, the record it leaves."""
+
+    blocks: ChangedBlocks
+    job_uuid: str
+    #: Every disk of the domain (those a checkpoint or read leaves out are named too).
+    every_disk: Sequence[str]
+    record_path: Path
+    record: ChangesRecord | None
+    decision: Decision
+    new_checkpoint: str | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def checkpoint_now(self, disks: Sequence[str]) -> None:
+        """Start the checkpoint the next read starts from; before the overlays, so
+        that the bitmap holds a superset of what the next backup needs.  A
+        checkpoint libvirt refuses costs the next run its changed blocks, not
+        this backup."""
+        name = checkpoint_name(self.job_uuid, _stamp())
+        try:
+            self.blocks.create_checkpoint(name, disks, self.every_disk)
+        except VirtDupError as error:
+            log.warning(
+                "job %s: no checkpoint (the next run reads whole files): %s", self.job_uuid, error
+            )
+            return
+        self.new_checkpoint = name
+
+    def read_changes(self, disks: Sequence[PlannedDisk], timeout_s: float) -> dict[str, Path]:
+        """The clusters of each disk written since the record's checkpoint, in a file
+        of its own next to its top; raises :class:`ChangesUnavailable` (nothing made)."""
+        assert self.record is not None
+        self.files = {disk.target: changes_file(disk.top, self.job_uuid) for disk in disks}
+        for path in self.files.values():
+            path.unlink(missing_ok=True)  # a killed run's (the name is virt-dup's)
+        name = checkpoint_name(self.job_uuid, _stamp())
+        self.blocks.back_up_changes(
+            self.record.checkpoint, name, self.files, self.every_disk, timeout_s
+        )
+        self.new_checkpoint = name
+        return self.files
+
+    def succeeded(self, record: ChangesRecord | None) -> None:
+        """The set is on the backend: keep ``record`` for the next run (None: there
+        is nothing to start from) and drop every other checkpoint of the job."""
+        self._remove_files()
+        if record is None or self.new_checkpoint is None:
+            self.record_path.unlink(missing_ok=True)
+            return
+        write_atomically(self.record_path, json.dumps(record.as_json(), indent=1), mode=0o600)
+        for name in self.blocks.checkpoints(self.job_uuid):
+            if name != self.new_checkpoint:
+                try:
+                    self.blocks.delete_checkpoint(name)
+                except VirtDupError as error:
+                    log.warning("job %s: %s", self.job_uuid, error)
+
+    def failed(self) -> None:
+        """The run failed: its checkpoint goes (its bitmap merges into the one the
+        record names, which the next run starts from), and its files."""
+        self._remove_files()
+        if self.new_checkpoint is not None:
+            try:
+                self.blocks.delete_checkpoint(self.new_checkpoint)
+            except VirtDupError as error:
+                log.warning("job %s: %s", self.job_uuid, error)
+            self.new_checkpoint = None
+
+    def _remove_files(self) -> None:
+        for path in self.files.values():
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def record_of(
+    checkpoint: str, base_set: str, previous_set: str, disks: Sequence[PlannedDisk]
+) -> ChangesRecord:
+    """The record a run leaves, from the files as they are now."""
+    return ChangesRecord(
+        checkpoint,
+        base_set,
+        previous_set,
+        {
+            disk.target: DiskRecord(
+                disk.top,
+                top_identity_of(disk.top),
+                disk.virtual_size,
+                {path: file_identity(path) for path in disk.below},
+            )
+            for disk in disks
+        },
+    )
+
+
+def planned_disks(plan: Plan) -> list[PlannedDisk]:
+    """The disks of a run's plan as :func:`decide` and the record see them."""
+    return [
+        PlannedDisk(
+            disk.target,
+            disk.original_top,
+            [
+                chain_file.path
+                for chain_file in disk.selected
+                if chain_file.path != disk.original_top
+            ],
+            disk.chain[0].virtual_size,
+        )
+        for disk in plan.disks
+    ]

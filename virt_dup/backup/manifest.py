@@ -12,6 +12,7 @@ SHA-256.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -141,6 +142,79 @@ class ManifestDisk:
 
 
 @dataclass(frozen=True)
+class ChangedDisk:
+    """A disk of a changed-block set: the file holding the clusters its top's
+    guest wrote since the previous set (docs/changed-blocks.md)."""
+
+    target: str
+    #: The top the changes apply to (as the base set recorded it).
+    top: str
+    #: Where the changes file is in the backup.
+    stored: str
+    sha256: str
+    virtual_size: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "top": self.top,
+            "stored": self.stored,
+            "sha256": self.sha256,
+            "virtual_size": self.virtual_size,
+        }
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any]) -> ChangedDisk:
+        sha256 = entry["sha256"]
+        if not (isinstance(sha256, str) and _SHA256.fullmatch(sha256)):
+            raise ValueError(f"sha256 {_shown(sha256)} is not 64 hex digits")
+        return cls(
+            target=disk_name(entry["target"]),
+            top=image_path(entry["top"], "top"),
+            stored=image_path(entry["stored"], "stored"),
+            sha256=sha256,
+            virtual_size=image_size(entry["virtual_size"], "virtual_size"),
+        )
+
+
+@dataclass(frozen=True)
+class ChangesManifest:
+    """What makes a backup a changed-block set: the set whose whole files it
+    applies to (``base_set``), the set it continues (``previous_set``: the
+    base, or the changed-block set before it), the checkpoints, its disks."""
+
+    base_set: str
+    previous_set: str
+    since_checkpoint: str
+    checkpoint: str
+    disks: tuple[ChangedDisk, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "base_set": self.base_set,
+            "previous_set": self.previous_set,
+            "since_checkpoint": self.since_checkpoint,
+            "checkpoint": self.checkpoint,
+            "disks": [disk.as_json() for disk in self.disks],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ChangesManifest:
+        if not isinstance(data["disks"], list) or not data["disks"]:
+            raise ValueError(f"changes disks {_shown(data['disks'])} is not a list of disks")
+        disks = tuple(ChangedDisk.from_json(disk) for disk in data["disks"])
+        if len({disk.target for disk in disks}) != len(disks):
+            raise ValueError("changes: a disk is in it twice")
+        return cls(
+            base_set=set_id(data["base_set"], "base_set"),
+            previous_set=set_id(data["previous_set"], "previous_set"),
+            since_checkpoint=one_line(data["since_checkpoint"], "since_checkpoint"),
+            checkpoint=one_line(data["checkpoint"], "checkpoint"),
+            disks=disks,
+        )
+
+
+@dataclass(frozen=True)
 class Manifest:
     """``manifest.json`` of one backup: which domain, which job, which files."""
 
@@ -155,6 +229,8 @@ class Manifest:
     #: The job's ``<virt-dup:instance>`` element, as it was.
     job_xml: str = ""
     virt_dup_version: str = ""
+    #: Set for a changed-block set (its files are the changes, not the images).
+    changes: ChangesManifest | None = None
 
     def disk(self, target: str) -> ManifestDisk:
         for disk in self.disks:
@@ -166,7 +242,7 @@ class Manifest:
         )
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": MANIFEST_FORMAT,
             "virt_dup_version": self.virt_dup_version,
             "host": self.host,
@@ -176,6 +252,9 @@ class Manifest:
             "job": {"uuid": self.job_uuid, "xml": self.job_xml, "options": dict(self.options)},
             "disks": [disk.as_json() for disk in self.disks],
         }
+        if self.changes is not None:
+            data["changes"] = self.changes.as_json()
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Manifest:
@@ -199,6 +278,9 @@ class Manifest:
             options=options,
             job_xml=str(data["job"].get("xml") or ""),
             virt_dup_version=str(data.get("virt_dup_version", "")),
+            changes=None
+            if data.get("changes") is None
+            else ChangesManifest.from_json(data["changes"]),
         )
 
 
@@ -210,6 +292,8 @@ _MAX_PATH = 4096
 #: qemu's format names (qcow2, raw, vmdk...): a word, never an option or a JSON spec.
 _FORMAT = re.compile(r"[a-z][a-z0-9]{0,15}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: duplicity's time of a backup set, its id.
+_SET_ID = re.compile(r"\d{8}T\d{6}Z")
 #: No disk image is larger (qemu's own limit is 2**63 bytes).
 _MAX_SIZE = 2**63 - 1
 
@@ -245,6 +329,13 @@ def backing_string(value: object) -> str | None:
         or any(ord(character) < 32 or ord(character) == 127 for character in value)
     ):
         raise ValueError(f"backing_file {_shown(value)} is not a backing file name")
+    return value
+
+
+def set_id(value: object, what: str) -> str:
+    """A backup set id read from a backup (``20261202T020000Z``); ValueError otherwise."""
+    if not isinstance(value, str) or not _SET_ID.fullmatch(value):
+        raise ValueError(f"{what} {_shown(value)} is not a backup id")
     return value
 
 
@@ -372,5 +463,22 @@ def write_metadata(
     write_atomically(directory / DOMAIN_XML, domain_xml)
     write_atomically(
         directory / CHECKSUMS, "".join(f"{digest}  {path}\n" for path, digest in checksums.items())
+    )
+    return manifest
+
+
+def write_changes_metadata(
+    directory: Path, plan: Plan, domain_xml: str, changes: ChangesManifest
+) -> Manifest:
+    """The metadata folder of a changed-block set: the manifest (the chain layout
+    as in any set, no checksums of images it does not hold, and ``changes``),
+    the domain XML and ``SHA256SUMS`` of the changes files."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    manifest = dataclasses.replace(manifest_of(plan, {}), changes=changes)
+    write_atomically(directory / MANIFEST, json.dumps(manifest.as_json(), indent=2))
+    write_atomically(directory / DOMAIN_XML, domain_xml)
+    write_atomically(
+        directory / CHECKSUMS,
+        "".join(f"{disk.sha256}  {disk.stored}\n" for disk in changes.disks),
     )
     return manifest

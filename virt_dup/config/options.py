@@ -170,6 +170,10 @@ def parse_interval(value: object, where: str) -> str:
     return text
 
 
+#: ``changed_blocks``: read changed blocks where they can be trusted, or never.
+CHANGED_BLOCKS_MODES = ("auto", "off")
+
+
 def parse_choice(choices: tuple[str, ...]) -> Callable[[object, str], str]:
     def parse(value: object, where: str) -> str:
         text = parse_text(value, where).strip().lower()
@@ -324,6 +328,15 @@ OPTIONS: tuple[Option, ...] = (
         "6M",
     ),
     Option(
+        "changed_blocks",
+        parse_choice(CHANGED_BLOCKS_MODES),
+        "auto|off",
+        "auto: an incremental of a running domain reads only the clusters written since "
+        "the last backup (libvirt checkpoints), and the whole files whenever that cannot be "
+        "trusted; off: always the whole files.",
+        "auto",
+    ),
+    Option(
         "disable_if_powered_off",
         parse_boolean,
         "BOOL",
@@ -416,6 +429,7 @@ class JobOptions:
     full_retention: int | None = None
     incremental_retention: int | None = None
     max_age: str | None = None
+    changed_blocks: str | None = None
     disable_if_powered_off: bool | None = None
     quiesce: str | None = None
     stall_timeout: str | None = None
@@ -449,6 +463,7 @@ class JobOptions:
 
 #: What a job gets when neither it nor virt-dup.yml says otherwise.
 BUILTIN_DEFAULTS = JobOptions(
+    changed_blocks="off",
     depth=0,
     encryption="gpg",
     full_every="30D",

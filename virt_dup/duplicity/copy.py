@@ -38,7 +38,7 @@ from virt_dup.duplicity.listing import (
     list_backend,
 )
 from virt_dup.duplicity.target import Target, environment, secrets
-from virt_dup.duplicity.times import parse_time
+from virt_dup.duplicity.times import format_time, parse_time
 from virt_dup.errors import CommandError
 from virt_dup.execute import CommandFailed, meaningful_lines
 from virt_dup.execute import run as run_command
@@ -349,26 +349,46 @@ def delete_collection(target: Target) -> int:
     many.  A ``file://`` collection's directory goes too when that leaves it
     empty.  Raises :class:`CommandError`."""
     names = [name for name in listing(target) if SET_FILE.match(name)]
-    if names:
-        try:
-            run_command(
-                [*duplicity_interpreter(), "-c", _DELETE_SCRIPT],
-                environment=_copy_environment(target),
-                secrets=secrets(target),
-                timeout=COPY_TIMEOUT_S,
-                input=json.dumps(
-                    {
-                        "url": _plain(target),
-                        "password": environment(target).get("FTP_PASSWORD"),
-                        "names": names,
-                        "network": _network(target),
-                    }
-                ),
-            )
-        except CommandFailed as failure:
-            raise CommandError(f"deleting from {target.display_url}: {_reason(failure)}") from None
+    delete_files(target, names)
     directory = file_url_path(target.url)
     if directory is not None:
         with contextlib.suppress(OSError):
             directory.rmdir()  # only when empty
     return len(names)
+
+
+def delete_files(target: Target, names: Sequence[str]) -> None:
+    """Delete backup files (names duplicity gave them) of ``target``'s collection."""
+    names = [name for name in names if SET_FILE.match(name)]
+    if not names:
+        return
+    try:
+        run_command(
+            [*duplicity_interpreter(), "-c", _DELETE_SCRIPT],
+            environment=_copy_environment(target),
+            secrets=secrets(target),
+            timeout=COPY_TIMEOUT_S,
+            input=json.dumps(
+                {
+                    "url": _plain(target),
+                    "password": environment(target).get("FTP_PASSWORD"),
+                    "names": names,
+                    "network": _network(target),
+                }
+            ),
+        )
+    except CommandFailed as failure:
+        raise CommandError(f"deleting from {target.display_url}: {_reason(failure)}") from None
+
+
+def prune_changes(changes: Target, main: Collection, keep_incrementals: int | None) -> int:
+    """Delete the changed-block sets (each a full of the ``changes`` collection) made
+    before the oldest chain of ``main`` that keeps its incrementals: their base
+    is gone, or their chain keeps no incrementals.  Returns how many sets."""
+    if not main.chains:
+        return 0
+    kept = main.chains[-keep_incrementals:] if keep_incrementals else main.chains
+    cutoff = format_time(kept[0].start_time)
+    doomed = [found for found in backup_sets(list(listing(changes))).values() if found.end < cutoff]
+    delete_files(changes, [name for found in doomed for name in found.names()])
+    return len(doomed)

@@ -254,3 +254,20 @@ def local_directory_problem(url: str) -> str | None:
                 return f"{path} is not a directory"
             return None
     return None
+
+
+#: The changed-block sets of a job live in a collection of their own below its
+#: own (docs/changed-blocks.md).
+CHANGES_DIRECTORY = "changes"
+
+
+def changes_target(target: Target) -> Target:
+    """The collection of ``target``'s changed-block sets: ``<collection>/changes``
+    with a cache of its own (``<name>.changes``)."""
+    name = f"{target.name}.{CHANGES_DIRECTORY}"
+    return replace(
+        target,
+        url=target.url.rstrip("/") + "/" + CHANGES_DIRECTORY,
+        name=name,
+        tempdir=target.archive_dir / name,
+    )

@@ -74,6 +74,8 @@ def test_details_of_a_backup() -> None:
         "BYTES_READ": 7,
         "BYTES_UPLOADED": 3,
         "BYTES_HASHED": 0,
+        "READ": "whole",
+        "READ_REASON": None,
     }
 
 
@@ -112,6 +114,8 @@ def test_as_status_has_the_status_file_keys(monkeypatch: pytest.MonkeyPatch) -> 
         "bytes_read",
         "bytes_uploaded",
         "bytes_hashed",
+        "read",
+        "read_reason",
         "backup_time",
     }
     assert json.loads(json.dumps(status)) == status
