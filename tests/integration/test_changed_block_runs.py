@@ -4,10 +4,11 @@ every point restores to the disk as it was."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-from harness.backups import BackupEnvironment, guest_view
+from harness.backups import BackupEnvironment, guest_view, same_guest_view
 from harness.domains import MIB
 
 from virt_dup.libvirt.checkpoints import CHECKPOINT_PREFIX
@@ -57,3 +58,33 @@ def test_incrementals_read_only_what_the_guest_wrote(
     environment.virt_dup("run", job)
     assert environment.status(job)["last_success"]["read"] == "changes"
     assert len(changes_sets(environment, job)) == 2
+
+    # Every point restores to the disk as it was, and verifies.
+    listing = json.loads(environment.virt_dup("backups", vm.name, "--json").stdout)["jobs"][0]
+    kinds = [entry["type"] for entry in listing["backups"]]
+    assert kinds == ["full", "changes", "changes"], kinds
+    for entry, view in zip(listing["backups"][1:], views, strict=True):
+        restored = tmp_path / f"restored-{entry['id']}"
+        environment.virt_dup("restore", vm.name, entry["id"], "--target-dir", str(restored))
+        assert same_guest_view(restored / "vda" / top.name, view), entry["id"]
+    environment.virt_dup("verify", job)
+
+    # A checkpoint that is gone: the whole files, said why, restorable; then changes again.
+    (current,) = checkpoints(vm)
+    vm.domain.checkpointLookupByName(current).delete(0)
+    vm.write_pattern("vda", 0x44, 50 * MIB, 1 * MIB)
+    fallback_view = guest_view(top, tmp_path / "view-4.qcow2")
+    environment.virt_dup("run", job)
+    fallback = environment.status(job)["last_success"]
+    assert fallback["read"] == "whole" and "is gone" in fallback["read_reason"], fallback
+    vm.write_pattern("vda", 0x55, 56 * MIB, 1 * MIB)
+    last_view = guest_view(top, tmp_path / "view-5.qcow2")
+    environment.virt_dup("run", job)
+    assert environment.status(job)["last_success"]["read"] == "changes"
+    listing = json.loads(environment.virt_dup("backups", vm.name, "--json").stdout)["jobs"][0]
+    fourth, fifth = listing["backups"][-2:]
+    assert (fourth["type"], fifth["type"]) == ("incremental", "changes")
+    for entry, view in ((fourth, fallback_view), (fifth, last_view)):
+        restored = tmp_path / f"restored-{entry['id']}"
+        environment.virt_dup("restore", vm.name, entry["id"], "--target-dir", str(restored))
+        assert same_guest_view(restored / "vda" / top.name, view), entry["id"]

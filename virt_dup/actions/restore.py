@@ -57,9 +57,9 @@ from virt_dup.restore.plan import (
 from virt_dup.restore.sources import (
     BackupMetadata,
     BackupSource,
-    choose_backup,
-    collection,
-    fetch_metadata,
+    Point,
+    changes_source,
+    choose_point,
     find_sources,
     one_source,
 )
@@ -67,6 +67,7 @@ from virt_dup.restore.workspace import (
     Progress,
     RestoreResult,
     Workspace,
+    apply_deltas,
     check_bases,
     destinations_free,
     fetch_and_check,
@@ -172,12 +173,10 @@ def restore(
     it was (the failure is recorded in the journal as well).
     """
     request.check()
-    source, backup_id, metadata = _find_backup(config, hypervisor, request, report)
-    result = RestoreResult(source.job_uuid, metadata.manifest.domain_name, backup_id=backup_id)
+    source, point = _find_backup(config, hypervisor, request, report)
+    result = RestoreResult(source.job_uuid, point.metadata.manifest.domain_name, backup_id=point.id)
     with journal.recorded(result):
-        _Restore(
-            config, hypervisor, request, source, backup_id, metadata, result, report, progress
-        ).run()
+        _Restore(config, hypervisor, request, source, point, result, report, progress).run()
     return result
 
 
@@ -186,8 +185,9 @@ def _find_backup(
     hypervisor: Callable[[], Hypervisor],
     request: RestoreRequest,
     report: Callable[[str], None],
-) -> tuple[BackupSource, str, BackupMetadata]:
-    """The job's collection, the backup id and its metadata that ``request`` means."""
+) -> tuple[BackupSource, Point]:
+    """The job's collection and the point (backup id, metadata, changed-block sets
+    on top) that ``request`` means."""
     found = find_sources(
         config,
         hypervisor,
@@ -197,9 +197,8 @@ def _find_backup(
         report=report,
     )
     source, found_metadata = one_source(found, f"domain {request.domain}")
-    backup = choose_backup(collection(source), request.backup_id)
     hint = found_metadata.folder if found_metadata else None
-    return source, backup.id, fetch_metadata(config, source, backup.id, hint, report=report)
+    return source, choose_point(config, source, request.backup_id, hint, report=report)
 
 
 @dataclass(frozen=True)
@@ -262,12 +261,11 @@ def plan_restore_request(
     request.check()
     with tempfile.TemporaryDirectory(prefix="virt-dup-plan-") as scratch:
         scratch_config = dataclasses.replace(config, cache_dir=Path(scratch))
-        source, backup_id, metadata = _find_backup(scratch_config, hypervisor, request, report)
-        manifest = metadata.manifest
+        source, point = _find_backup(scratch_config, hypervisor, request, report)
+        manifest = point.metadata.manifest
+        backup_id = point.id
         result = RestoreResult(source.job_uuid, manifest.domain_name, backup_id=backup_id)
-        planner = _Restore(
-            scratch_config, hypervisor, request, source, backup_id, metadata, result, report
-        )
+        planner = _Restore(scratch_config, hypervisor, request, source, point, result, report)
         domain = planner._in_place_domain() if request.in_place else None
         plan = planner._plan(domain)
         definition = planner._definition() if request.define else None
@@ -296,11 +294,18 @@ class _Restore:
     hypervisor: Callable[[], Hypervisor]
     request: RestoreRequest
     source: BackupSource
-    backup_id: str
-    metadata: BackupMetadata
+    point: Point
     result: RestoreResult
     report: Callable[[str], None]
     progress: Progress | None = None
+
+    @property
+    def metadata(self) -> BackupMetadata:
+        return self.point.metadata
+
+    @property
+    def backup_id(self) -> str:
+        return self.point.id
 
     def run(self) -> None:
         """Plan everything (steps 1), then carry it out, all or nothing."""
@@ -391,11 +396,19 @@ class _Restore:
         with rolled_back_on_failure(workspace):
             restored = fetch_and_check(
                 self.source,
-                self.backup_id,
+                self.point.read_id,
                 plan,
                 workspace,
                 report=self.report,
                 progress=self.progress,
+            )
+            apply_deltas(
+                changes_source(self.source),
+                self.point.deltas,
+                plan,
+                restored,
+                workspace,
+                self.report,
             )
             result.notices.extend(restored.warnings)
             self.report("checksums and qemu-img check: ok; moving the files into place")

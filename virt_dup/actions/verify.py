@@ -38,13 +38,12 @@ from virt_dup.restore.plan import bases_needed, plan_restore, target_dir_destina
 from virt_dup.restore.sources import (
     BackupSource,
     NoBackups,
-    choose_backup,
-    collection,
-    fetch_metadata,
+    changes_source,
+    choose_point,
     find_sources,
     one_source,
 )
-from virt_dup.restore.workspace import Workspace, fetch_and_check
+from virt_dup.restore.workspace import Workspace, apply_deltas, fetch_and_check
 from virt_dup.systemd import journal
 
 #: Where scratch directories go unless --scratch-dir says otherwise: on disk,
@@ -147,9 +146,9 @@ def _verify(
     result: VerifyResult,
     report: Callable[[str], None],
 ) -> None:
-    backup = choose_backup(collection(source), backup_id)
-    result.backup_id = backup.id
-    metadata = fetch_metadata(config, source, backup.id, use_cache=False, report=report)
+    point = choose_point(config, source, backup_id, use_cache=False, report=report)
+    result.backup_id = point.id
+    metadata = point.metadata
     result.domain = metadata.manifest.domain_name
     disks = metadata.manifest.disks
     # Headers are not rewritten: a base the backup does not hold is not needed.
@@ -157,7 +156,9 @@ def _verify(
         target: (recorded.path, recorded.format) for target, recorded in bases_needed(disks).items()
     }
     plan = plan_restore(disks, target_dir_destinations(disks, str(directory)), bases)
-    restored = fetch_and_check(source, backup.id, plan, Workspace(), rewrite=False, report=report)
+    workspace = Workspace()
+    restored = fetch_and_check(source, point.read_id, plan, workspace, rewrite=False, report=report)
+    apply_deltas(changes_source(source), point.deltas, plan, restored, workspace, report)
     result.files = len(restored.staged)
     result.bytes = restored.bytes
     result.warnings = restored.warnings

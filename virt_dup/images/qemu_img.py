@@ -125,10 +125,28 @@ def same_content(image: str, other: str) -> bool:
     return True
 
 
+def backing_of(path: str) -> tuple[str | None, str | None]:
+    """(backing file string, its format) in ``path``'s header (its chain not opened)."""
+    output = run_qemu_img("info", "--output=json", "-U", path)
+    try:
+        info = json.loads(output)
+    except ValueError:
+        raise CommandError(f"qemu-img info {path}: unreadable output") from None
+    return info.get("backing-filename"), info.get("backing-filename-format")
+
+
 def apply_changes(top: str, changes: str, timeout_s: float = QEMU_IMG_TIMEOUT_S) -> None:
     """Write the clusters a changed-block file (a qcow2 holding only what changed)
     holds into the qcow2 ``top``: it is made to name ``top`` as its backing file,
-    then committed into it.  ``changes`` is left empty of data; the caller
-    deletes it."""
-    rebase_unsafe(changes, "qcow2", top, "qcow2")
-    run_qemu_img("commit", "-q", "-f", "qcow2", changes, timeout_s=timeout_s)
+    then committed into it.  ``top``'s own backing file is not opened (it may be
+    elsewhere or not yet in place): its header is detached for the commit and
+    given back as it was.  ``changes`` is left empty of data; the caller deletes it."""
+    backing, backing_format = backing_of(top)
+    if backing:
+        run_qemu_img("rebase", "-u", "-f", "qcow2", "-b", "", top)
+    try:
+        rebase_unsafe(changes, "qcow2", top, "qcow2")
+        run_qemu_img("commit", "-q", "-f", "qcow2", changes, timeout_s=timeout_s)
+    finally:
+        if backing:
+            rebase_unsafe(top, "qcow2", backing, backing_format)

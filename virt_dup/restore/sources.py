@@ -46,6 +46,7 @@ from virt_dup.backup.manifest import (
 )
 from virt_dup.config.load import Config
 from virt_dup.duplicity.collection import BackupSet, Collection
+from virt_dup.duplicity.copy import backup_sets
 from virt_dup.duplicity.listing import (
     encrypted_on_backend,
     job_directories,
@@ -55,8 +56,16 @@ from virt_dup.duplicity.listing import (
 )
 from virt_dup.duplicity.protocol import ListedFile
 from virt_dup.duplicity.runner import Duplicity, restore_path_missing, signature_refused
-from virt_dup.duplicity.target import Target, environment, job_backend_url, job_target
+from virt_dup.duplicity.target import (
+    CHANGES_DIRECTORY,
+    Target,
+    changes_target,
+    environment,
+    job_backend_url,
+    job_target,
+)
 from virt_dup.duplicity.target import secrets as target_secrets
+from virt_dup.duplicity.times import parse_time
 from virt_dup.errors import (
     EXIT_NO_BACKUPS,
     CommandError,
@@ -113,10 +122,13 @@ class BackupSource:
     require_signature: bool = False
     #: How duplicity is run to read it.
     runner: Duplicity = field(default_factory=Duplicity, compare=False)
+    #: A collection below the job's (``changes``: its changed-block sets), or "".
+    part: str = ""
 
     @property
     def url(self) -> str:
-        return job_backend_url(self.backend_url, self.job_uuid)
+        collection = job_backend_url(self.backend_url, self.job_uuid)
+        return f"{collection}/{self.part}" if self.part else collection
 
     @property
     def display_url(self) -> str:
@@ -369,15 +381,156 @@ def list_backups(
         folder_hint[0] = metadata.folder
         return metadata.manifest.disks
 
-    return backup_entries(status, sizes, disks_of)
+    entries = backup_entries(status, sizes, disks_of)
+    changes = changes_sets(source)
+    if changes:
+        part = changes_source(source)
+        try:
+            part_sizes = set_sizes(
+                list_backend(part.url, environment(part.target), target_secrets(part.target))
+            )
+        except CommandError:
+            part_sizes = {}
+
+        def changed_disks(backup_id: str) -> tuple[ManifestDisk, ...] | None:
+            try:
+                return fetch_metadata(
+                    config, part, backup_id, folder_hint[0], report=report
+                ).manifest.disks
+            except VirtDupError as error:
+                log.warning("backup %s of job %s: %s", backup_id, source.job_uuid, error)
+                return None
+
+        chains = [(chain.start_time, chain.full.id) for chain in status.chains]
+        for backup_set in changes:
+            chain = max((c for c in chains if c[0] <= backup_set.time), default=(None, "?"))[1]
+            entries.append(
+                BackupEntry(
+                    id=backup_set.id,
+                    time=backup_set.time,
+                    kind="changes",
+                    chain=chain,
+                    volumes=backup_set.volumes,
+                    encrypted=backup_set.encrypted,
+                    size=part_sizes.get(("full", backup_set.id)),
+                    disks=changed_disks(backup_set.id),
+                )
+            )
+        entries.sort(key=lambda entry: entry.time)
+    return entries
 
 
-def choose_backup(status: Collection, backup_id: str | None) -> BackupSet:
+def changes_source(source: BackupSource) -> BackupSource:
+    """The collection of ``source``'s changed-block sets (docs/changed-blocks.md)."""
+    return replace(source, target=changes_target(source.target), part=CHANGES_DIRECTORY)
+
+
+def changes_sets(source: BackupSource) -> list[BackupSet]:
+    """The job's changed-block sets (whole ones: with their manifest), oldest
+    first, from a listing of their collection; none when it has none."""
+    part = changes_source(source)
+    try:
+        names = list_backend(part.url, environment(part.target), target_secrets(part.target))
+    except CommandError as error:
+        log.warning("cannot list the changed-block sets on %s: %s", part.display_url, error)
+        return []
+    found = [entry for entry in backup_sets(list(names)).values() if entry.manifest]
+    return [
+        BackupSet(
+            "changes",
+            parse_time(entry.end),
+            len(entry.volumes),
+            bool(entry.manifest and entry.manifest.endswith(".gpg")),
+        )
+        for entry in sorted(found, key=lambda entry: entry.end)
+    ]
+
+
+@dataclass(frozen=True)
+class Point:
+    """A restorable point: the set whose files a restore reads (``read_id``, of
+    the job's main collection), and the changed-block sets applied onto them,
+    oldest first (none for a point that is a set of the main collection)."""
+
+    id: str
+    read_id: str
+    metadata: BackupMetadata
+    deltas: tuple[tuple[str, BackupMetadata], ...] = ()
+
+
+#: No chain of changed-block sets is longer (a loop in their links is refused).
+MAX_DELTAS = 100_000
+
+
+def choose_point(
+    config: Config,
+    source: BackupSource,
+    backup_id: str | None,
+    folder_hint: str | None = None,
+    *,
+    use_cache: bool = True,
+    report: Callable[[str], None] | None = None,
+) -> Point:
+    """The point ``backup_id`` (or the latest) of the job, in its main collection or
+    among its changed-block sets, with what restoring it reads.
+
+    Raises :class:`BackupNotFound` when it, or a set it builds on, is gone.
+    """
+    main = collection(source)
+    changes = changes_sets(source)
+    chosen = choose_backup(Collection(main.chains), backup_id, extra=changes)
+    if chosen.kind != "changes":
+        return Point(
+            chosen.id,
+            chosen.id,
+            fetch_metadata(
+                config, source, chosen.id, folder_hint, use_cache=use_cache, report=report
+            ),
+        )
+    part = changes_source(source)
+    known = {backup_set.id for backup_set in changes}
+    deltas: list[tuple[str, BackupMetadata]] = []
+    current = chosen.id
+    while len(deltas) < MAX_DELTAS:
+        metadata = fetch_metadata(
+            config, part, current, folder_hint, use_cache=use_cache, report=report
+        )
+        changes_info = metadata.manifest.changes
+        if changes_info is None:
+            raise BackupNotFound(
+                f"backup {current} on {part.display_url} is not a changed-block set"
+            )
+        if deltas and changes_info.base_set != deltas[-1][1].manifest.changes.base_set:  # type: ignore[union-attr]
+            raise BackupNotFound(f"backup {current}: it applies to another base than {chosen.id}")
+        deltas.append((current, metadata))
+        if changes_info.previous_set == changes_info.base_set:
+            break
+        if changes_info.previous_set not in known:
+            raise BackupNotFound(
+                f"backup {chosen.id}: the changed-block set {changes_info.previous_set} it "
+                "builds on is gone"
+            )
+        current = changes_info.previous_set
+    else:
+        raise BackupNotFound(f"backup {chosen.id}: its changed-block sets do not end in a base")
+    base_id = deltas[-1][1].manifest.changes.base_set  # type: ignore[union-attr]
+    if base_id not in {backup_set.id for backup_set in main.backup_sets}:
+        raise BackupNotFound(f"backup {chosen.id}: the backup {base_id} it builds on is gone")
+    base = fetch_metadata(config, source, base_id, folder_hint, use_cache=use_cache, report=report)
+    latest = deltas[0][1]
+    # The plan is the base's (its files); the domain as it was at the point.
+    shown = replace(base, domain_xml=latest.domain_xml)
+    return Point(chosen.id, base_id, shown, tuple(reversed(deltas)))
+
+
+def choose_backup(
+    status: Collection, backup_id: str | None, extra: Sequence[BackupSet] = ()
+) -> BackupSet:
     """The backup set ``backup_id`` (duplicity's time string), or the latest.
 
     Raises :class:`BackupNotFound` listing what exists.
     """
-    sets = status.backup_sets
+    sets = (*status.backup_sets, *extra)
     if not sets:
         raise NoBackups("no backups yet")
     if backup_id is None or backup_id == "latest":

@@ -39,15 +39,22 @@ import secrets
 import shutil
 import stat
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from virt_dup.backup.manifest import ManifestFile
 from virt_dup.files import human_size, interruptible, sha256_file
-from virt_dup.images.qemu_img import chain_of, check_image, dig_holes, image_info, rebase_unsafe
+from virt_dup.images.qemu_img import (
+    apply_changes,
+    chain_of,
+    check_image,
+    dig_holes,
+    image_info,
+    rebase_unsafe,
+)
 from virt_dup.restore.plan import ChecksumMismatch, RestoreError, RestorePlan
-from virt_dup.restore.sources import BackupSource
+from virt_dup.restore.sources import BackupMetadata, BackupSource
 from virt_dup.systemd import journal
 
 log = logging.getLogger(__name__)
@@ -385,3 +392,55 @@ def destinations_free(plan: RestorePlan) -> None:
             f"{', '.join(existing)} exist(s); a restore never replaces a file: restore to a "
             "new --target-dir, or --in-place for a shut-off domain"
         )
+
+
+def apply_deltas(
+    changes: BackupSource,
+    deltas: Sequence[tuple[str, BackupMetadata]],
+    plan: RestorePlan,
+    restored: FilesRestored,
+    workspace: Workspace,
+    report: Callable[[str], None] = lambda _line: None,
+) -> None:
+    """Stack each changed-block set (oldest first) onto the restored tops: restore
+    its changes file, check it against the manifest's SHA-256, commit it into
+    the staged top.  Raises :class:`ChecksumMismatch` or :class:`RestoreError`."""
+    tops = {disk.target: disk.top for disk in plan.disks}
+    for backup_id, metadata in deltas:
+        info = metadata.manifest.changes
+        if info is None:
+            raise RestoreError(f"backup {backup_id} is not a changed-block set")
+        for disk in info.disks:
+            top = tops.get(disk.target)
+            if top is None:
+                continue  # a disk this restore leaves out (--disk)
+            if disk.top != top.original:
+                raise RestoreError(
+                    f"backup {backup_id}: the changes of disk {disk.target} are of {disk.top}, "
+                    f"not of {top.original}"
+                )
+            staged_top = restored.staged[top.original]
+            staged = workspace.stage_path(f"{top.destination}.changes-{backup_id}")
+            report(f"applying the changes of backup {backup_id} to {top.original}")
+            changes.restore(staged, time=backup_id, path_to_restore=disk.stored)
+            check_regular_file(staged, disk.stored)
+            digest = sha256_file(staged)
+            if digest != disk.sha256:
+                raise ChecksumMismatch(
+                    f"the changes of disk {disk.target} in backup {backup_id}: SHA-256 {digest} "
+                    f"differs from the {disk.sha256} recorded at backup time"
+                )
+            restored.bytes += os.stat(staged).st_size
+            apply_changes(staged_top, staged)
+            os.unlink(staged)
+    changed = {
+        entry.target
+        for _id, metadata in deltas
+        if metadata.manifest.changes is not None
+        for entry in metadata.manifest.changes.disks
+    }
+    for planned in plan.disks:
+        if planned.target in changed:
+            warning = check_image(restored.staged[planned.top.original], planned.top.format)
+            if warning:
+                restored.warnings.append(warning)
