@@ -5,10 +5,12 @@ every point restores to the disk as it was."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
-from harness.backups import BackupEnvironment, guest_view, same_guest_view
+from harness.backups import BackupEnvironment, guest_view, same_guest_view, wait_for
 from harness.domains import MIB
 
 from virt_dup.libvirt.checkpoints import CHECKPOINT_PREFIX
@@ -88,3 +90,64 @@ def test_incrementals_read_only_what_the_guest_wrote(
         restored = tmp_path / f"restored-{entry['id']}"
         environment.virt_dup("restore", vm.name, entry["id"], "--target-dir", str(restored))
         assert same_guest_view(restored / "vda" / top.name, view), entry["id"]
+
+
+def test_a_run_killed_while_storing_changes_loses_nothing(
+    make_domain, environment: BackupEnvironment, tmp_path: Path
+) -> None:
+    """SIGKILL after libvirt wrote the changes and made the next checkpoint: the next
+    run starts from the checkpoint the last stored set names (a superset), deletes
+    what the killed run left, and its point restores equal."""
+    vm = make_domain(running=True, size=64 * MIB)
+    top = vm.images["vda"][-1]
+    job = environment.virt_dup("add-job", vm.name, "--changed-blocks", "auto").stdout.strip()
+    environment.virt_dup("run", job)
+    vm.write_pattern("vda", 0x66, 4 * MIB, 24 * MIB)
+    leftover = top.parent / f"{top.stem}.virt-dup-{job}.changes.qcow2"
+    run = environment.start_run(job)
+    try:
+        wait_for(lambda: leftover.exists() or run.poll() is not None, 60, "the changes file")
+        assert run.poll() is None, run.communicate()
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait(30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert len(checkpoints(vm)) in (1, 2)  # the killed run's may be there too
+
+    vm.write_pattern("vda", 0x77, 40 * MIB, 1 * MIB)
+    view = guest_view(top, tmp_path / "view.qcow2")
+    environment.virt_dup("run", job)
+    assert environment.status(job)["last_success"]["read"] == "changes"
+    assert not leftover.exists()
+    assert len(checkpoints(vm)) == 1
+    restored = tmp_path / "restored"
+    environment.virt_dup("restore", vm.name, "--target-dir", str(restored))
+    assert same_guest_view(restored / "vda" / top.name, view)
+
+
+def test_migration_carries_the_changes_and_removing_the_job_its_checkpoints(
+    make_domain, environment: BackupEnvironment, tmp_path: Path
+) -> None:
+    vm = make_domain(running=True, size=32 * MIB)
+    top = vm.images["vda"][-1]
+    job = environment.virt_dup("add-job", vm.name, "--changed-blocks", "auto").stdout.strip()
+    environment.virt_dup("run", job)
+    vm.write_pattern("vda", 0x12, 1 * MIB, 2 * MIB)
+    view = guest_view(top, tmp_path / "view.qcow2")
+    environment.virt_dup("run", job)
+    other = tmp_path / "other"
+    environment.virt_dup("migrate-backend", job, "--to", f"file://{other}")
+    assert changes_sets_in(other / job) and not (environment.backend / job).exists()
+    restored = tmp_path / "restored"
+    environment.virt_dup("restore", vm.name, "--target-dir", str(restored))
+    assert same_guest_view(restored / "vda" / top.name, view)
+
+    assert checkpoints(vm)
+    environment.virt_dup("remove-job", job)
+    assert checkpoints(vm) == []
+
+
+def changes_sets_in(collection: Path) -> list[str]:
+    return sorted(path.name for path in (collection / "changes").glob("*.manifest.gpg"))

@@ -7,8 +7,9 @@ an unknown disk or backend leaves the domain XML untouched.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +20,13 @@ from virt_dup.config.load import PLACEHOLDER_KEY, Config, check_policy
 from virt_dup.config.options import OPTIONS_BY_NAME, JobOptions
 from virt_dup.duplicity.gpg import Keyring
 from virt_dup.errors import ConfigError, LibvirtError, UsageError, VirtDupError
+from virt_dup.libvirt.checkpoints import ChangedBlocks
 from virt_dup.libvirt.connection import Hypervisor
 from virt_dup.libvirt.domain_xml import select_disks
 from virt_dup.libvirt.locality import require_local_disks, require_sources_exist
 from virt_dup.libvirt.metadata import DiskSelector, Job, duplicate_job_message, is_valid_uuid
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -225,7 +229,23 @@ def remove_job(hypervisor: Hypervisor, job_uuid: str) -> Job:
     domain, job = hypervisor.find_job(job_uuid)
     remaining = [other for other in hypervisor.jobs(domain) if other.uuid != job.uuid]
     hypervisor.write_jobs(domain, remaining)
+    remove_checkpoints(hypervisor, domain, [job])
     return job
+
+
+def remove_checkpoints(
+    hypervisor: Hypervisor, domain: libvirt.virDomain, jobs: Sequence[Job]
+) -> None:
+    """Delete the checkpoints virt-dup made for ``jobs`` (their bitmaps would track
+    writes for nobody); one that cannot go is a warning, the job is gone anyway."""
+    blocks = ChangedBlocks(hypervisor, domain)
+    for job in jobs:
+        try:
+            names = blocks.checkpoints(job.uuid)
+            for name in names:
+                blocks.delete_checkpoint(name)
+        except VirtDupError as error:
+            log.warning("job %s: its checkpoints stay: %s", job.uuid, error)
 
 
 def remove_all_jobs(
@@ -255,8 +275,9 @@ def remove_all_jobs(
     where = domain_name if domain_name else f"{len(targets)} domain(s)"
     if not confirm(f"remove {len(removed)} job(s) from {where}?"):
         raise VirtDupError("nothing removed")
-    for domain, _jobs in targets:
+    for domain, jobs in targets:
         hypervisor.write_jobs(domain, [])
+        remove_checkpoints(hypervisor, domain, jobs)
     return removed
 
 

@@ -32,9 +32,16 @@ from virt_dup.backup.plan import destination
 from virt_dup.backup.state import StateStore
 from virt_dup.config.load import Config, check_policy
 from virt_dup.config.options import JobOptions, masked_url
-from virt_dup.duplicity.copy import copy_collection, delete_collection
+from virt_dup.duplicity.copy import copy_collection, copy_plan, delete_collection, listing
 from virt_dup.duplicity.runner import Duplicity
-from virt_dup.duplicity.target import cache_name, isolated, job_target
+from virt_dup.duplicity.target import (
+    CHANGES_DIRECTORY,
+    Target,
+    cache_name,
+    changes_target,
+    isolated,
+    job_target,
+)
 from virt_dup.errors import ConfigError, VirtDupError
 from virt_dup.files import write_atomically
 from virt_dup.libvirt.connection import Hypervisor
@@ -108,31 +115,17 @@ def migrate_backend(
             report(line)
 
         try:
-            copied = copy_collection(source, target, config.cache_directory / target.name)
-            result.sets_copied, result.bytes_copied = copied.sets, copied.bytes
-            say(f"copied {copied.sets} backup set(s) to {result.target}")
-            with tempfile.TemporaryDirectory(prefix="virt-dup-migrate-") as scratch:
-                expected = [s.id for s in duplicity.collection_status(source).backup_sets]
-                found = [
-                    s.id
-                    for s in duplicity.collection_status(
-                        isolated(target, Path(scratch))
-                    ).backup_sets
-                ]
-            if found != expected:
-                missing = sorted(set(expected) - set(found))
-                raise MigrationFailed(
-                    f"{result.target} does not list the backups {result.source} holds "
-                    f"(missing: {', '.join(missing) or 'none'}; there: {len(found)})"
-                )
-            result.backups = len(found)
-            say(f"{result.target} lists the same {len(found)} backup(s)")
-            if found:
-                verified = verify(
-                    config, lambda: hypervisor, job.uuid, backend_url=target_url, job_uuid=job.uuid
-                )
-                result.verified_backup = verified.backup_id
-                say(f"verified backup {verified.backup_id} restored from {result.target}")
+            _copy_and_check(
+                config,
+                hypervisor,
+                duplicity,
+                job.uuid,
+                source=source,
+                target=target,
+                target_url=target_url,
+                result=result,
+                say=say,
+            )
         except VirtDupError as error:
             raise MigrationFailed(
                 f"job {job.uuid}: migration to {result.target} stopped, the job still uses "
@@ -155,6 +148,63 @@ def migrate_backend(
         result.source_deleted = finished.source_deleted
         result.lines += finished.lines
         return result
+
+
+def _copy_and_check(
+    config: Config,
+    hypervisor: Hypervisor,
+    duplicity: Duplicity,
+    job_uuid: str,
+    *,
+    source: Target,
+    target: Target,
+    target_url: str,
+    result: MigrateResult,
+    say: Callable[[str], None],
+) -> None:
+    """Copy what ``target`` lacks of both collections, then check that duplicity
+    lists the same backups there and that the latest restores from it alone."""
+    copied = copy_collection(source, target, config.cache_directory / target.name)
+    # The changed-block sets too (a collection below the job's), after the
+    # sets they apply to.
+    source_changes, target_changes = changes_target(source), changes_target(target)
+    changes = copy_collection(
+        source_changes, target_changes, config.cache_directory / target_changes.name
+    )
+    left = copy_plan(list(listing(source_changes)), list(listing(target_changes)))
+    if left.copy or left.skipped:
+        raise MigrationFailed(
+            f"{result.target} lacks {len(left.copy) + len(left.skipped)} changed-block "
+            "set(s) after the copy"
+        )
+    copied = dataclasses.replace(
+        copied, sets=copied.sets + changes.sets, bytes=copied.bytes + changes.bytes
+    )
+    result.sets_copied, result.bytes_copied = copied.sets, copied.bytes
+    say(f"copied {copied.sets} backup set(s) to {result.target}")
+    with tempfile.TemporaryDirectory(prefix="virt-dup-migrate-") as scratch:
+        expected = [s.id for s in duplicity.collection_status(source).backup_sets]
+        found = [
+            s.id for s in duplicity.collection_status(isolated(target, Path(scratch))).backup_sets
+        ]
+    if found != expected:
+        missing = sorted(set(expected) - set(found))
+        raise MigrationFailed(
+            f"{result.target} does not list the backups {result.source} holds "
+            f"(missing: {', '.join(missing) or 'none'}; there: {len(found)})"
+        )
+    result.backups = len(found)
+    say(f"{result.target} lists the same {len(found)} backup(s)")
+    if found:
+        verified = verify(
+            config,
+            lambda: hypervisor,
+            job_uuid,
+            backend_url=target.url.rsplit("/", 1)[0],
+            job_uuid=job_uuid,
+        )
+        result.verified_backup = verified.backup_id
+        say(f"verified backup {verified.backup_id} restored from {result.target}")
 
 
 def _finish(
@@ -184,12 +234,13 @@ def _finish(
     # files.  The caches the migration used under other names go.
     for url, other in ((source_url, target_url), (target_url, source_url)):
         name = cache_name(job_uuid, JobOptions(backends=(other,)), config, url)
-        shutil.rmtree(config.cache_directory / name, ignore_errors=True)
+        for cache in (name, f"{name}.{CHANGES_DIRECTORY}"):
+            shutil.rmtree(config.cache_directory / cache, ignore_errors=True)
     if not record.get("keep_source"):
         options = JobOptions(backends=(target_url,))
-        deleted = delete_collection(
-            job_target(config, job_uuid, options, source_url, writing=False)
-        )
+        old = job_target(config, job_uuid, options, source_url, writing=False)
+        # The changed-block sets first: their directory is inside the job's.
+        deleted = delete_collection(changes_target(old)) + delete_collection(old)
         result.source_deleted = True
         result.lines.append(f"deleted {deleted} file(s) of the job from {result.source}")
         report(result.lines[-1])

@@ -430,6 +430,12 @@ def changes_sets(source: BackupSource) -> list[BackupSet]:
     first, from a listing of their collection; none when it has none."""
     part = changes_source(source)
     try:
+        # Asked of the job's own directory first: a job that never read changed
+        # blocks has no such collection (and listing one would make it).
+        if CHANGES_DIRECTORY not in list_backend(
+            source.url, environment(source.target), target_secrets(source.target)
+        ):
+            return []
         names = list_backend(part.url, environment(part.target), target_secrets(part.target))
     except CommandError as error:
         log.warning("cannot list the changed-block sets on %s: %s", part.display_url, error)
