@@ -38,10 +38,13 @@ from virt_dup.restore.plan import bases_needed, plan_restore, target_dir_destina
 from virt_dup.restore.sources import (
     BackupSource,
     NoBackups,
+    changes_sets,
     changes_source,
-    choose_point,
+    choose_backup,
+    collection,
     find_sources,
     one_source,
+    point_of,
 )
 from virt_dup.restore.workspace import Workspace, apply_deltas, fetch_and_check
 from virt_dup.systemd import journal
@@ -146,8 +149,10 @@ def _verify(
     result: VerifyResult,
     report: Callable[[str], None],
 ) -> None:
-    point = choose_point(config, source, backup_id, use_cache=False, report=report)
-    result.backup_id = point.id
+    main, changes = collection(source), changes_sets(source)
+    chosen = choose_backup(main, backup_id, extra=changes)
+    result.backup_id = chosen.id
+    point = point_of(config, source, chosen, main, changes, use_cache=False, report=report)
     metadata = point.metadata
     result.domain = metadata.manifest.domain_name
     disks = metadata.manifest.disks

@@ -485,6 +485,24 @@ def choose_point(
     main = collection(source)
     changes = changes_sets(source)
     chosen = choose_backup(Collection(main.chains), backup_id, extra=changes)
+    return point_of(
+        config, source, chosen, main, changes, folder_hint, use_cache=use_cache, report=report
+    )
+
+
+def point_of(
+    config: Config,
+    source: BackupSource,
+    chosen: BackupSet,
+    main: Collection,
+    changes: Sequence[BackupSet],
+    folder_hint: str | None = None,
+    *,
+    use_cache: bool = True,
+    report: Callable[[str], None] | None = None,
+) -> Point:
+    """The point of the set ``chosen``: its metadata and, for a changed-block set,
+    the base and the sets between (see :func:`choose_point`)."""
     if chosen.kind != "changes":
         return Point(
             chosen.id,
