@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import tempfile
 import time
@@ -17,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness.backups import BackupEnvironment
+from harness.backups import BackupEnvironment, error_lines, random_domain, use_backend
 from harness.domains import MIB, ScratchDomain
 
 pytestmark = pytest.mark.integration
@@ -36,31 +35,6 @@ def small_tmpfs() -> Iterator[Path]:
         subprocess.run(["umount", str(directory)], check=False)
         with contextlib.suppress(OSError):
             directory.rmdir()
-
-
-def use_backend(environment: BackupEnvironment, url: str) -> None:
-    text = environment.config.read_text().replace(f"file://{environment.backend}", url)
-    environment.config.write_text(text)
-
-
-def random_domain(make_domain, tmp_path: Path, size: int) -> ScratchDomain:
-    """A running domain whose base holds ``size`` bytes of random data."""
-    vm = make_domain(running=False, size=size + 8 * MIB)
-    base = vm.images["vda"][0]
-    data = tmp_path / "random"
-    data.write_bytes(os.urandom(size))
-    subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", f"write -s {data} 0 {size}", str(base)],
-        check=True,
-        capture_output=True,
-    )
-    data.unlink()
-    vm.domain.create()
-    return vm
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("virt-dup: error: ")]
 
 
 def assert_clean_failure(environment: BackupEnvironment, vm: ScratchDomain, job: str) -> None:

@@ -9,11 +9,18 @@ import json
 from pathlib import Path
 
 import pytest
-from harness.backups import BackupEnvironment, fill, guest_view, same_guest_view, wait_for
+from harness.backups import (
+    BackupEnvironment,
+    fill,
+    guest_view,
+    random_domain,
+    same_guest_view,
+    wait_for,
+)
 from harness.domains import MIB
 from harness.sshd import SshServer
 from test_restore import backups_json, prepared
-from test_sftp import QUICK_FAILURE, random_domain
+from test_sftp import QUICK_FAILURE
 
 pytestmark = pytest.mark.integration
 

@@ -7,9 +7,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from harness.backups import BackupEnvironment, wait_for
+from harness.backups import BackupEnvironment, random_domain, wait_for
 from harness.domains import MIB
-from test_sftp import random_domain
 
 from virt_dup.duplicity.times import parse_time
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import threading
@@ -22,18 +21,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness.backups import BackupEnvironment, fill, guest_view, same_guest_view, wait_for
+from harness.backups import (
+    BackupEnvironment,
+    error_lines,
+    fill,
+    guest_view,
+    random_domain,
+    same_guest_view,
+    use_backend,
+    wait_for,
+)
 from harness.domains import MIB, ScratchDomain
 
 pytestmark = pytest.mark.integration
 
 SIZE = 16 * MIB
-
-
-def use_backend(environment: BackupEnvironment, url: str, extra: str = "") -> None:
-    """Point the environment's one named backend (``local``) at ``url``."""
-    text = environment.config.read_text().replace(f"file://{environment.backend}", url)
-    environment.config.write_text(text + extra)
 
 
 def filled_domain(make_domain, running: bool, size: int = SIZE) -> ScratchDomain:
@@ -50,10 +52,6 @@ def filled_domain(make_domain, running: bool, size: int = SIZE) -> ScratchDomain
 def backups_json(environment: BackupEnvironment, *arguments: str) -> list[dict]:
     document = json.loads(environment.virt_dup("backups", "--json", *arguments).stdout)
     return document["jobs"]
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("virt-dup: error: ")]
 
 
 def assert_back_on_its_chain(vm: ScratchDomain) -> None:
@@ -161,23 +159,6 @@ def test_the_host_key_is_checked(
 
 #: A dead backend fails fast in tests: 2 tries 1 s apart, 5 s per network wait.
 QUICK_FAILURE = ("--backend-retries", "2", "--backend-retry-delay", "1s", "--backend-timeout", "5s")
-
-
-def random_domain(make_domain, tmp_path: Path, size: int) -> ScratchDomain:
-    """A running domain whose base holds ``size`` bytes of random data (uploads
-    that take a few seconds; gpg cannot compress them)."""
-    vm = make_domain(running=False, size=size + 16 * MIB)
-    base = vm.images["vda"][0]
-    data = tmp_path / "random"
-    data.write_bytes(os.urandom(size))
-    subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", f"write -s {data} 0 {size}", str(base)],
-        check=True,
-        capture_output=True,
-    )
-    data.unlink()
-    vm.domain.create()
-    return vm
 
 
 def test_sshd_stopped_mid_backup_fails_cleanly_and_the_next_run_succeeds(

@@ -288,3 +288,31 @@ def same_guest_view(first: Path, second: Path) -> bool:
     )
     assert finished.returncode in (0, 1), finished.stderr
     return finished.returncode == 0
+
+
+def use_backend(environment: BackupEnvironment, url: str, extra: str = "") -> None:
+    """Point the environment's one named backend (``local``) at ``url``."""
+    text = environment.config.read_text().replace(f"file://{environment.backend}", url)
+    environment.config.write_text(text + extra)
+
+
+def random_domain(make_domain: Any, tmp_path: Path, size: int) -> Any:
+    """A running domain whose base holds ``size`` bytes of random data (uploads
+    that take a few seconds; gpg cannot compress them)."""
+    vm = make_domain(running=False, size=size + 16 * 2**20)
+    base = vm.images["vda"][0]
+    data = tmp_path / "random"
+    data.write_bytes(os.urandom(size))
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -s {data} 0 {size}", str(base)],
+        check=True,
+        capture_output=True,
+    )
+    data.unlink()
+    vm.domain.create()
+    return vm
+
+
+def error_lines(stderr: str) -> list[str]:
+    """virt-dup's error lines among what it printed."""
+    return [line for line in stderr.splitlines() if line.startswith("virt-dup: error: ")]
