@@ -169,13 +169,9 @@ def fetch_and_check(
         report(f"[{number}/{len(files)}] restoring {entry.original}")
         with _watched(staged, result.bytes, total, progress):
             source.restore(staged, time=backup_id, path_to_restore=entry.stored)
-        check_regular_file(staged, entry.original)
-        digest = sha256_file(staged)
-        if digest != entry.sha256:
-            raise ChecksumMismatch(
-                f"{entry.original} in backup {backup_id}: SHA-256 {digest} differs from the "
-                f"{entry.sha256} recorded at backup time"
-            )
+        check_restored(
+            staged, entry.original, entry.sha256, f"{entry.original} in backup {backup_id}"
+        )
         result.bytes += os.stat(staged).st_size
         if rewrite and entry.rebase and entry.backing is not None:
             rebase_unsafe(staged, entry.format, entry.backing, entry.backing_format)
@@ -222,6 +218,17 @@ def _watched(
         done.set()
         thread.join()
         report()
+
+
+def check_restored(staged: str, original: str, recorded: str | None, what: str) -> None:
+    """A restored file is a regular file whose SHA-256 is the one recorded at backup
+    time; raises :class:`RestoreError` or :class:`ChecksumMismatch` naming ``what``."""
+    check_regular_file(staged, original)
+    digest = sha256_file(staged)
+    if digest != recorded:
+        raise ChecksumMismatch(
+            f"{what}: SHA-256 {digest} differs from the {recorded} recorded at backup time"
+        )
 
 
 def check_regular_file(staged: str, original: str) -> None:
@@ -423,13 +430,12 @@ def apply_deltas(
             staged = workspace.stage_path(f"{top.destination}.changes-{backup_id}")
             report(f"applying the changes of backup {backup_id} to {top.original}")
             changes.restore(staged, time=backup_id, path_to_restore=disk.stored)
-            check_regular_file(staged, disk.stored)
-            digest = sha256_file(staged)
-            if digest != disk.sha256:
-                raise ChecksumMismatch(
-                    f"the changes of disk {disk.target} in backup {backup_id}: SHA-256 {digest} "
-                    f"differs from the {disk.sha256} recorded at backup time"
-                )
+            check_restored(
+                staged,
+                disk.stored,
+                disk.sha256,
+                f"the changes of disk {disk.target} in backup {backup_id}",
+            )
             restored.bytes += os.stat(staged).st_size
             apply_changes(staged_top, staged)
             os.unlink(staged)
