@@ -271,21 +271,23 @@ class ChangedBlockRun:
         write_atomically(self.record_path, json.dumps(record.as_json(), indent=1), mode=0o600)
         for name in self.blocks.checkpoints(self.job_uuid):
             if name != self.new_checkpoint:
-                try:
-                    self.blocks.delete_checkpoint(name)
-                except VirtDupError as error:
-                    log.warning("job %s: %s", self.job_uuid, error)
+                self._drop(name)
 
     def failed(self) -> None:
         """The run failed: its checkpoint goes (its bitmap merges into the one the
         record names, which the next run starts from), and its files."""
         self._remove_files()
         if self.new_checkpoint is not None:
-            try:
-                self.blocks.delete_checkpoint(self.new_checkpoint)
-            except VirtDupError as error:
-                log.warning("job %s: %s", self.job_uuid, error)
+            self._drop(self.new_checkpoint)
             self.new_checkpoint = None
+
+    def _drop(self, name: str) -> None:
+        """Delete a checkpoint of the job; one libvirt keeps is a warning (the next
+        run deletes every checkpoint of the job but its own)."""
+        try:
+            self.blocks.delete_checkpoint(name)
+        except VirtDupError as error:
+            log.warning("job %s: %s", self.job_uuid, error)
 
     def _remove_files(self) -> None:
         for path in self.files.values():
