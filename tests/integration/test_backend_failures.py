@@ -16,12 +16,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness.backups import BackupEnvironment, error_lines, random_domain, use_backend
+from harness.backups import (
+    QUICK_FAILURE,
+    BackupEnvironment,
+    error_lines,
+    random_domain,
+    use_backend,
+)
 from harness.domains import MIB, ScratchDomain
 
 pytestmark = pytest.mark.integration
-
-QUICK_FAILURE = ("--backend-retries", "2", "--backend-retry-delay", "1s")
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from harness.backups import (
     backing_strings,
     children,
     command_of,
+    error_lines,
     file_digests,
     fill,
     holds_open,
@@ -70,12 +71,6 @@ class Untouched:
 
 
 _INACTIVE = 2  # libvirt.VIR_DOMAIN_XML_INACTIVE
-
-
-def error_lines(stderr: str) -> list[str]:
-    """The error lines (not the run's journal record, which goes to stderr when
-    there is no journald)."""
-    return [line for line in stderr.splitlines() if line.startswith("virt-dup: error: ")]
 
 
 def overlays_under(directory: Path) -> list[Path]:

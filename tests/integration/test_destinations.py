@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from harness.backups import (
+    QUICK_FAILURE,
     BackupEnvironment,
     fill,
     guest_view,
@@ -20,7 +21,6 @@ from harness.backups import (
 from harness.domains import MIB
 from harness.sshd import SshServer
 from test_restore import backups_json, prepared
-from test_sftp import QUICK_FAILURE
 
 pytestmark = pytest.mark.integration
 

@@ -22,9 +22,11 @@ from pathlib import Path
 import libvirt
 import pytest
 from harness.backups import (
+    QUICK_FAILURE,
     BackupEnvironment,
     children,
     command_of,
+    error_lines,
     file_digests,
     fill,
     holds_open,
@@ -141,10 +143,6 @@ def test_images_behind_a_symbolic_link_are_backed_up_in_full(
 
 
 # -- 2. never delete an overlay this run did not create and merge -------------------------
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("virt-dup: error: ")]
 
 
 def test_an_overlay_named_file_in_the_way_is_refused_and_never_deleted(
@@ -624,7 +622,7 @@ def backed_up_domain(make_domain, environment: BackupEnvironment) -> tuple[Scrat
     fill(base, 0x22, 0, 16 * MIB)
     fill(top, 0x11, 16 * MIB, 16 * MIB)
     vm.domain.create()
-    return vm, environment.virt_dup("add-job", vm.name).stdout.strip()
+    return vm, environment.virt_dup("add-job", vm.name, *QUICK_FAILURE).stdout.strip()
 
 
 @pytest.mark.parametrize(

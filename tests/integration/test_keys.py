@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness.backups import BackupEnvironment
+from harness.backups import BackupEnvironment, error_lines
 from test_restore import backups_json, chain_of, guest_view, prepared, same_guest_view
 
 pytestmark = pytest.mark.integration
@@ -122,10 +122,6 @@ def new_host(hosts: list[Host], backend: Path | None = None) -> Host:
     return host
 
 
-def error_lines(finished: subprocess.CompletedProcess[str]) -> list[str]:
-    return [line for line in finished.stderr.splitlines() if line.startswith("virt-dup: error:")]
-
-
 def gpg_secret_fingerprints(home: Path) -> list[str]:
     listing = subprocess.run(
         ["gpg", "--homedir", str(home), "--batch", "--with-colons", "--list-secret-keys"],
@@ -149,7 +145,7 @@ def test_init_turns_the_example_into_a_working_setup(hosts) -> None:
     # as installed, the example's placeholder key fails, with the fix
     checked = host.virt_dup("check-config", check=False)
     assert checked.returncode == 1
-    (line,) = error_lines(checked)
+    (line,) = error_lines(checked.stderr)
     assert PLACEHOLDER in line and "placeholder" in line and "virt-dup init" in line
 
     host.write_passphrase(PASSPHRASE)
@@ -206,7 +202,7 @@ def test_init_turns_the_example_into_a_working_setup(hosts) -> None:
     host.write_passphrase("not the passphrase")
     wrong = host.virt_dup("check-config", check=False)
     assert wrong.returncode == 1
-    (line,) = error_lines(wrong)
+    (line,) = error_lines(wrong.stderr)
     assert str(host.passphrase_file) in line and "does not unlock" in line
     assert "not the passphrase" not in wrong.stderr + wrong.stdout
 
@@ -218,12 +214,12 @@ def test_init_refuses_what_it_must_not_change(hosts, gpg_home) -> None:
     # keys named already, whose secret key is not in the home: no silent new key
     refused = host.virt_dup("init", check=False)
     assert refused.returncode == 2
-    (line,) = error_lines(refused)
+    (line,) = error_lines(refused.stderr)
     assert gpg_home.fingerprint in line and "--import" in line and "--force" in line
     # no terminal and no passphrase file: asked for one, nothing made
     forced = host.virt_dup("init", "--force", check=False)
     assert forced.returncode == 2
-    (line,) = error_lines(forced)
+    (line,) = error_lines(forced.stderr)
     assert "--passphrase-file" in line
     # a passphrase file others can read is refused
     host.write_passphrase(PASSPHRASE)
@@ -232,7 +228,7 @@ def test_init_refuses_what_it_must_not_change(hosts, gpg_home) -> None:
         "init", "--force", "--passphrase-file", str(host.passphrase_file), check=False
     )
     assert readable.returncode == 2
-    assert "chmod 600" in error_lines(readable)[0]
+    assert "chmod 600" in error_lines(readable.stderr)[0]
     assert host.config.read_bytes() == before
     assert not host.gnupg_home.exists()
 
@@ -276,7 +272,7 @@ def test_check_config_names_a_missing_key_and_an_unwritable_or_unreachable_backe
         stdin=subprocess.DEVNULL,
     )
     assert finished.returncode == 1, finished.stderr
-    problems = error_lines(finished)
+    problems = error_lines(finished.stderr)
     assert len(problems) == 3, finished.stderr
     missing, unwritable, unreachable = problems
     assert other_key in missing and str(gpg_home.path) in missing and "virt-dup init" in missing
@@ -320,11 +316,11 @@ def test_add_job_refuses_a_key_the_keyring_does_not_hold(hosts, make_domain) -> 
     before = vm.domain.XMLDesc()
     placeholder = host.virt_dup("add-job", vm.name, check=False)
     assert placeholder.returncode == 2
-    (line,) = error_lines(placeholder)
+    (line,) = error_lines(placeholder.stderr)
     assert PLACEHOLDER in line and "virt-dup init" in line
     missing = host.virt_dup("add-job", vm.name, "--encryption-key", "FEDCBA9876543210", check=False)
     assert missing.returncode == 2
-    (line,) = error_lines(missing)
+    (line,) = error_lines(missing.stderr)
     assert "FEDCBA9876543210" in line and "is not in the GnuPG home" in line
     assert vm.domain.XMLDesc() == before
 

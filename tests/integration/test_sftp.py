@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from harness.backups import (
+    QUICK_FAILURE,
     BackupEnvironment,
     error_lines,
     fill,
@@ -158,7 +159,6 @@ def test_the_host_key_is_checked(
 
 
 #: A dead backend fails fast in tests: 2 tries 1 s apart, 5 s per network wait.
-QUICK_FAILURE = ("--backend-retries", "2", "--backend-retry-delay", "1s", "--backend-timeout", "5s")
 
 
 def test_sshd_stopped_mid_backup_fails_cleanly_and_the_next_run_succeeds(

@@ -27,6 +27,10 @@ from virt_dup.duplicity.target import Target
 
 VENV_BIN = Path(sys.executable).parent
 
+# add-job options for a test whose backend fails on purpose: duplicity gives up
+# in seconds, not after the default five tries half a minute apart.
+QUICK_FAILURE = ("--backend-retries", "2", "--backend-retry-delay", "1s", "--backend-timeout", "5s")
+
 
 @dataclass
 class BackupEnvironment:
