@@ -35,6 +35,7 @@ from virt_dup.backup.changes import (
     CHANGES,
     WHOLE,
     ChangedBlockRun,
+    changes_file,
     decide,
     load_record,
     planned_disks,
@@ -380,13 +381,17 @@ class _Run:
         except VirtDupError as error:
             log.warning("job %s: cannot list checkpoints: %s", plan.job.uuid, error)
             checkpoints = []
+        disks = planned_disks(plan)
+        # A run killed during its read left libvirt's job writing its files: it goes
+        # first (this run holds the domain's lock; the job would block this one).
+        blocks.abort_leftover(changes_file(disk.top, plan.job.uuid) for disk in disks)
         decision = decide(
             enabled=True,
             running=running,
             full=plan.full,
             record=record,
             checkpoints=checkpoints,
-            disks=planned_disks(plan),
+            disks=disks,
             top_identity=top_identity_of,
         )
         return ChangedBlockRun(blocks, plan.job.uuid, every_disk, record_path, record, decision)
@@ -462,6 +467,8 @@ class _Run:
         self, plan: Plan, result: RunResult, domain_xml: str
     ) -> Collection | None:
         """Record the plan, overlays on, back up the whole files, merge back."""
+        # The checkpoint just made may have met a restarted libvirtd and reconnected.
+        self.domain = self.hypervisor.current(self.domain, self.domain.UUIDString())
         record = RunRecord(
             job_uuid=plan.job.uuid,
             domain_uuid=self.domain.UUIDString(),

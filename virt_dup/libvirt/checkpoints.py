@@ -16,20 +16,28 @@ path, never with a failed backup.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TypeVar
 from xml.sax.saxutils import quoteattr
 
 import libvirt
 
 from virt_dup.errors import LibvirtError, VirtDupError
 from virt_dup.libvirt.connection import Hypervisor
+from virt_dup.libvirt.metadata import parse_xml
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Every checkpoint virt-dup makes starts so; the job's uuid follows.
 CHECKPOINT_PREFIX = "virt-dup-"
 #: How often the backup job is looked at while it runs.
 POLL_S = 0.05
+#: How long an aborted backup job may take to end.
+ABORT_WAIT_S = 30.0
 
 
 class ChangesUnavailable(VirtDupError):
@@ -78,41 +86,61 @@ def _text(value: str) -> str:
 
 
 class ChangedBlocks:
-    """The checkpoints of one domain and changed-block reads from them."""
+    """The checkpoints of one domain and changed-block reads from them.
+
+    Every call survives a libvirtd restarted meanwhile (a package upgrade, an
+    admin): a connection found dead is opened again, for a bounded time, and
+    the domain looked up anew (:meth:`_call`).
+    """
 
     def __init__(self, hypervisor: Hypervisor, domain: libvirt.virDomain) -> None:
         self.hypervisor = hypervisor
         self.domain = domain
+        self._uuid = domain.UUIDString()
 
     @property
     def _what(self) -> str:
         return f"domain {self.domain.name()}"
 
+    def _call(self, what: str, call: Callable[[libvirt.virDomain], T]) -> T:
+        """``call(domain)``; when libvirtd went away, reconnect and call again.
+        Raises :class:`LibvirtError` naming ``what``."""
+        self.domain = self.hypervisor.current(self.domain, self._uuid)
+        try:
+            return self.hypervisor.call(what, call, self.domain)
+        except LibvirtError:
+            if self.hypervisor.alive():
+                raise
+        log.warning("libvirt went away (%s); reconnecting", what)
+        self.hypervisor.reconnect()
+        self.domain = self.hypervisor.current(self.domain, self._uuid)
+        return self.hypervisor.call(what, call, self.domain)
+
     def checkpoints(self, job_uuid: str) -> list[str]:
         """The names of ``job_uuid``'s checkpoints, oldest first."""
         prefix = f"{CHECKPOINT_PREFIX}{job_uuid}-"
-        found = self.hypervisor.call(
-            f"cannot list the checkpoints of {self._what}", self.domain.listAllCheckpoints, 0
+        names = self._call(
+            f"cannot list the checkpoints of {self._what}",
+            lambda domain: [checkpoint.getName() for checkpoint in domain.listAllCheckpoints(0)],
         )
-        names = [checkpoint.getName() for checkpoint in found]
         return sorted(name for name in names if name.startswith(prefix))
 
     def create_checkpoint(self, name: str, disks: Iterable[str], every_disk: Iterable[str]) -> None:
         """Start tracking the writes to ``disks`` from now on, as checkpoint ``name``."""
-        self.hypervisor.call(
+        xml = checkpoint_xml(name, disks, every_disk)
+        self._call(
             f"cannot create checkpoint {name} of {self._what}",
-            self.domain.checkpointCreateXML,
-            checkpoint_xml(name, disks, every_disk),
-            0,
+            lambda domain: domain.checkpointCreateXML(xml, 0),
         )
 
     def delete_checkpoint(self, name: str) -> None:
         """Delete a virt-dup checkpoint (libvirt merges its bitmap into the next one)."""
         if not name.startswith(CHECKPOINT_PREFIX):
             raise VirtDupError(f"{name}: not a virt-dup checkpoint; left alone")
-        what = f"cannot delete checkpoint {name} of {self._what}"
-        checkpoint = self.hypervisor.call(what, self.domain.checkpointLookupByName, name, 0)
-        self.hypervisor.call(what, checkpoint.delete, 0)
+        self._call(
+            f"cannot delete checkpoint {name} of {self._what}",
+            lambda domain: domain.checkpointLookupByName(name, 0).delete(0),
+        )
 
     def back_up_changes(
         self,
@@ -132,7 +160,11 @@ class ChangedBlocks:
         the job fails otherwise.
         """
         disks = list(every_disk)
-        if since not in {c.getName() for c in self._all_checkpoints()}:
+        known = self._call(
+            f"cannot list the checkpoints of {self._what}",
+            lambda domain: {checkpoint.getName() for checkpoint in domain.listAllCheckpoints(0)},
+        )
+        if since not in known:
             raise ChangesUnavailable(f"{self._what} has no checkpoint {since}")
         try:
             self.domain.backupBegin(
@@ -147,36 +179,53 @@ class ChangedBlocks:
             ) from None
         self._wait(timeout_s)
 
-    def _all_checkpoints(self) -> list[libvirt.virDomainCheckpoint]:
-        return self.hypervisor.call(
-            f"cannot list the checkpoints of {self._what}", self.domain.listAllCheckpoints, 0
-        )
-
     def _wait(self, timeout_s: float) -> None:
         """Until the domain's backup job ends; raises when it failed or took too long."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            kind = self.hypervisor.call(
-                f"cannot read the backup job of {self._what}", self.domain.jobInfo
-            )[0]
-            if kind == libvirt.VIR_DOMAIN_JOB_NONE:
-                break
-            if time.monotonic() > deadline:
-                self.abort()
-                raise LibvirtError(
-                    f"{self._what}: the changed-block backup took longer than {timeout_s:g} s"
-                )
-            time.sleep(POLL_S)
-        stats = self.hypervisor.call(
+        if not self._ended(timeout_s):
+            self.abort()
+            raise LibvirtError(
+                f"{self._what}: the changed-block backup took longer than {timeout_s:g} s"
+            )
+        stats = self._call(
             f"cannot read the backup job of {self._what}",
-            self.domain.jobStats,
-            libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED,
+            lambda domain: domain.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED),
         )
         if stats.get("type") != libvirt.VIR_DOMAIN_JOB_COMPLETED:
             message = stats.get("errmsg") or f"job type {stats.get('type')}"
             raise LibvirtError(f"{self._what}: the changed-block backup failed: {message}")
 
+    def _ended(self, timeout_s: float) -> bool:
+        """Whether the domain's job ended within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            kind = self._call(
+                f"cannot read the backup job of {self._what}", lambda domain: domain.jobInfo()[0]
+            )
+            if kind == libvirt.VIR_DOMAIN_JOB_NONE:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S)
+
     def abort(self) -> None:
         """Abort a backup job of the domain (one a killed run left, or one too slow)."""
         with contextlib.suppress(libvirt.libvirtError):  # no job (any more)
             self.domain.abortJob()
+
+    def abort_leftover(self, files: Iterable[Path]) -> bool:
+        """Abort the domain's backup job when it writes one of ``files`` (a killed
+        run's: the names are virt-dup's, and the caller holds the domain's lock);
+        True when there was one.  A job of anyone else is left alone."""
+        try:
+            xml = self.domain.backupGetXMLDesc(0)
+        except libvirt.libvirtError:
+            return False  # no backup job
+        root = parse_xml(xml, f"the backup job of {self._what}")
+        targets = {target.get("file") for target in root.iterfind("disks/disk/target")}
+        if not targets & {str(path) for path in files}:
+            return False
+        log.warning("%s: aborting the changed-block backup a killed run left", self._what)
+        self.abort()
+        if not self._ended(ABORT_WAIT_S):
+            raise LibvirtError(f"{self._what}: a killed run's backup job does not end")
+        return True

@@ -212,6 +212,13 @@ class Hypervisor:
                     ) from None
         raise NotFoundError(f"no domain named {name_or_uuid!r} on {self.uri}")
 
+    def current(self, domain: libvirt.virDomain, uuid: str) -> libvirt.virDomain:
+        """``domain`` (whose UUID is ``uuid``) on the connection open now: one of a
+        connection :meth:`reconnect` replaced is looked up again."""
+        if domain.connect() is self.connection:
+            return domain
+        return self.domain(uuid)
+
     def find_domain(self, name_or_uuid: str) -> libvirt.virDomain | None:
         """A domain by name or UUID, or None when there is none."""
         try:
