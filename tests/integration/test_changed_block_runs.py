@@ -13,6 +13,7 @@ import pytest
 from harness.backups import BackupEnvironment, guest_view, same_guest_view, wait_for
 from harness.domains import MIB
 
+from virt_dup.images.qemu_img import bitmaps_of
 from virt_dup.libvirt.checkpoints import CHECKPOINT_PREFIX
 
 pytestmark = pytest.mark.integration
@@ -151,3 +152,66 @@ def test_migration_carries_the_changes_and_removing_the_job_its_checkpoints(
 
 def changes_sets_in(collection: Path) -> list[str]:
     return sorted(path.name for path in (collection / "changes").glob("*.manifest.gpg"))
+
+
+def test_removing_the_job_of_a_shut_off_domain_removes_its_checkpoints_and_bitmaps(
+    make_domain, environment: BackupEnvironment
+) -> None:
+    """libvirt deletes no checkpoint of a shut-off domain and refuses to undefine a
+    domain that has one: remove-job takes the bitmaps out of the images itself,
+    then the metadata, and the domain undefines as any other."""
+    vm = make_domain(running=True, size=32 * MIB)
+    top = vm.images["vda"][-1]
+    job = environment.virt_dup("add-job", vm.name, "--changed-blocks", "auto").stdout.strip()
+    environment.virt_dup("run", job)
+    vm.write_pattern("vda", 0x13, 1 * MIB, 1 * MIB)
+    environment.virt_dup("run", job)
+    (checkpoint,) = checkpoints(vm)
+    vm.domain.destroy()
+    assert bitmaps_of(str(top)) == [checkpoint]
+
+    removed = environment.virt_dup("remove-job", job)
+
+    assert "stay" not in removed.stderr, removed.stderr
+    assert checkpoints(vm) == []
+    assert bitmaps_of(str(top)) == []
+    vm.domain.undefine()  # no flags: nothing of virt-dup's left in the way
+
+
+@pytest.mark.parametrize(
+    ("retention", "kept"),
+    [
+        # The first chain is deleted: its changed-block sets go with it.
+        (("--full-retention", "1"), 1),
+        # The first chain stays but keeps no incrementals: its sets go too.
+        (("--full-retention", "3", "--incremental-retention", "1"), 1),
+        # Both chains keep their incrementals.
+        (("--full-retention", "3", "--incremental-retention", "3"), 2),
+    ],
+    ids=["chain-deleted", "incrementals-dropped", "all-kept"],
+)
+def test_retention_deletes_the_changed_block_sets_of_what_it_deletes(
+    make_domain, environment: BackupEnvironment, tmp_path: Path, retention, kept
+) -> None:
+    vm = make_domain(running=True, size=32 * MIB)
+    top = vm.images["vda"][-1]
+    job = environment.virt_dup(
+        "add-job", vm.name, "--changed-blocks", "auto", *retention
+    ).stdout.strip()
+    environment.virt_dup("run", job)
+    vm.write_pattern("vda", 0x14, 1 * MIB, 1 * MIB)
+    environment.virt_dup("run", job)
+    first = changes_sets(environment, job)
+    assert len(first) == 1
+    environment.virt_dup("run", "--full", job)
+    vm.write_pattern("vda", 0x15, 3 * MIB, 1 * MIB)
+    view = guest_view(top, tmp_path / "view.qcow2")
+    environment.virt_dup("run", job)
+
+    left = changes_sets(environment, job)
+    assert len(left) == kept, left
+    assert (first[0] in left) == (kept == 2)
+    restored = tmp_path / "restored"
+    environment.virt_dup("restore", vm.name, "--target-dir", str(restored))
+    assert same_guest_view(restored / "vda" / top.name, view)
+    environment.virt_dup("verify", job)

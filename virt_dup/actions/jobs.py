@@ -20,9 +20,10 @@ from virt_dup.config.load import PLACEHOLDER_KEY, Config, check_policy
 from virt_dup.config.options import OPTIONS_BY_NAME, JobOptions
 from virt_dup.duplicity.gpg import Keyring
 from virt_dup.errors import ConfigError, LibvirtError, UsageError, VirtDupError
+from virt_dup.images.qemu_img import bitmaps_of, chain_of, remove_bitmap
 from virt_dup.libvirt.checkpoints import ChangedBlocks
 from virt_dup.libvirt.connection import Hypervisor
-from virt_dup.libvirt.domain_xml import select_disks
+from virt_dup.libvirt.domain_xml import Disk, select_disks
 from virt_dup.libvirt.locality import require_local_disks, require_sources_exist
 from virt_dup.libvirt.metadata import DiskSelector, Job, duplicate_job_message, is_valid_uuid
 
@@ -237,15 +238,33 @@ def remove_checkpoints(
     hypervisor: Hypervisor, domain: libvirt.virDomain, jobs: Sequence[Job]
 ) -> None:
     """Delete the checkpoints virt-dup made for ``jobs`` (their bitmaps would track
-    writes for nobody); one that cannot go is a warning, the job is gone anyway."""
+    writes for nobody); one that cannot go is a warning, the job is gone anyway.
+
+    libvirt deletes a checkpoint of a running domain only; for a shut-off one
+    the bitmaps are removed from its image files with qemu-img, then libvirt's
+    metadata (a domain with checkpoints cannot be undefined without a flag)."""
     blocks = ChangedBlocks(hypervisor, domain)
+    running = bool(hypervisor.call("cannot read the domain's state", domain.isActive))
     for job in jobs:
         try:
-            names = blocks.checkpoints(job.uuid)
-            for name in names:
-                blocks.delete_checkpoint(name)
+            for name in blocks.checkpoints(job.uuid):
+                if running:
+                    blocks.delete_checkpoint(name)
+                else:
+                    _remove_bitmaps(hypervisor.disks(domain, inactive=True), name)
+                    blocks.forget_checkpoint(name)
         except VirtDupError as error:
             log.warning("job %s: its checkpoints stay: %s", job.uuid, error)
+
+
+def _remove_bitmaps(disks: Sequence[Disk], name: str) -> None:
+    """Bitmap ``name`` out of every qcow2 file of every disk's chain."""
+    for disk in disks:
+        if not disk.is_qcow2_file or disk.source is None:
+            continue
+        for path in chain_of(disk.source):
+            if name in bitmaps_of(path):
+                remove_bitmap(path, name)
 
 
 def remove_all_jobs(

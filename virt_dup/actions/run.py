@@ -416,11 +416,15 @@ class _Run:
                 result.read_reason = str(error)
         if whole:
             collection_after = self._back_up_whole(plan, result, domain_xml, changed)
-        self.duplicity.apply_retention(
+        applied = self.duplicity.apply_retention(
             plan.target, plan.retention or plan.options, collection=collection_after
         )
         if plan.options.changed_blocks == "auto":
-            self._changes_retention(plan.target, plan.retention or plan.options)
+            self._changes_retention(
+                plan.target,
+                plan.retention or plan.options,
+                None if applied else collection_after,
+            )
         shown = masked_url(plan.backend_url)
         result.destinations[shown] = {"result": "success", "message": "backed up"}
         outcomes = [self._copy_to(plan, mirror, result) for mirror in plan.mirrors]
@@ -568,13 +572,20 @@ class _Run:
         result.bytes_hashed = sum(expected[path] for path in stored.values())
         return stats
 
-    def _changes_retention(self, target: Target, retention: JobOptions) -> None:
+    def _changes_retention(
+        self, target: Target, retention: JobOptions, main: Collection | None
+    ) -> None:
         """Delete the changed-block sets whose base chain the main collection's
-        retention removed, or which belong to chains that keep no incrementals."""
+        retention removed, or which belong to chains that keep no incrementals.
+        ``main``: the main collection as it is now (None: read it again)."""
+        keep = retention.incremental_retention
+        if main is not None and not (keep and len(main.chains) > keep):
+            return  # no chain went, and every chain keeps its incrementals
         changes = changes_target(target)
         try:
-            main = self.duplicity.collection_status(target)
-            deleted = prune_changes(changes, main, retention.incremental_retention)
+            if main is None:
+                main = self.duplicity.collection_status(target)
+            deleted = prune_changes(changes, main, keep)
         except VirtDupError as error:
             log.warning("job %s: changed-block sets not pruned: %s", target.name, error)
             return

@@ -176,7 +176,9 @@ CHANGED_BLOCKS_MODES = ("auto", "off")
 
 def parse_choice(choices: tuple[str, ...]) -> Callable[[object, str], str]:
     def parse(value: object, where: str) -> str:
-        text = parse_text(value, where).strip().lower()
+        if value is False and "off" in choices:
+            return "off"  # YAML 1.1 reads an unquoted ``off`` as false
+        text = "" if isinstance(value, bool) else parse_text(value, where).strip().lower()
         if text not in choices:
             raise _fail(where, "one of " + ", ".join(choices), value)
         return text

@@ -150,3 +150,19 @@ def apply_changes(top: str, changes: str, timeout_s: float = QEMU_IMG_TIMEOUT_S)
     finally:
         if backing:
             rebase_unsafe(top, "qcow2", backing, backing_format)
+
+
+def bitmaps_of(path: str) -> list[str]:
+    """The names of the persistent dirty bitmaps in a qcow2 file (not its chain)."""
+    output = run_qemu_img("info", "--output=json", "-U", path)
+    try:
+        data = json.loads(output).get("format-specific", {}).get("data", {})
+        return [str(bitmap["name"]) for bitmap in data.get("bitmaps", [])]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CommandError(f"qemu-img info {path}: unreadable output") from None
+
+
+def remove_bitmap(path: str, name: str) -> None:
+    """Delete bitmap ``name`` from a qcow2 no QEMU has open (qemu-img takes the
+    image's write lock: one a QEMU holds is refused, not changed)."""
+    run_qemu_img("bitmap", "--remove", "-f", "qcow2", path, name)

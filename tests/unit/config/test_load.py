@@ -115,7 +115,15 @@ def test_compound_time_span() -> None:
     assert parse_config("randomized_delay: 1h 30min\n", PATH).randomized_delay == "1h 30min"
 
 
+@pytest.mark.parametrize("option", ["changed_blocks", "quiesce"])
+def test_an_unquoted_off_is_off_not_a_boolean(option: str) -> None:
+    """YAML 1.1 reads ``off`` as false: a choice that has ``off`` takes it."""
+    defaults = parse_config(f"defaults:\n  {option}: off\n", PATH).defaults
+    assert getattr(defaults, option) == "off"
+
+
 BAD_CONFIGS = [
+    ("defaults:\n  changed_blocks: on\n", "defaults.changed_blocks: expected one of auto, off"),
     ("libvirt: [unclosed\n", "YAML syntax error at line"),
     ("- a\n- b\n", "expected a mapping of settings at the top level"),
     ("libvirt_ur: x\n", "libvirt_ur: unknown key"),
