@@ -13,7 +13,8 @@
    once (named after the domain), fires, and its service backs the domain
    up (encrypted, full); a journald of the manager's own records it, once;
 5. the guest writes (QEMU's HMP `qemu-io` through its own virtio disk), and
-   the timer's next firing makes an incremental that holds the write;
+   the timer's next firing makes an incremental that holds the write, reading
+   only the clusters written (changed blocks: `READ=changes` in the journal);
 6. what an admin sees: `virt-dup status` (next run, last success and its
    age, freshness), every virt-dup timer, the journal records by `JOB_UUID=`;
 7. a forced failure (the job's backend taken out of virt-dup.yml): the
@@ -213,7 +214,11 @@ def main() -> int:
 
         step(f"A throw-away domain {name}: base.qcow2 <- {name}.qcow2, running")
         cleanup.callback(shutil.rmtree, images, True)
-        cleanup.callback(subprocess.run, ["virsh", "-q", "undefine", name], capture_output=True)
+        cleanup.callback(
+            subprocess.run,
+            ["virsh", "-q", "undefine", "--checkpoints-metadata", name],
+            capture_output=True,
+        )
         cleanup.callback(subprocess.run, ["virsh", "-q", "destroy", name], capture_output=True)
         top = make_domain(name, images)
         print(virsh("domblklist", name), end="")
@@ -317,8 +322,9 @@ def main() -> int:
         if second.get("Result") != "success":
             print(manager.log(400))
             raise SystemExit(f"demo: {service} failed: {second}")
-        if len(journal_records("BACKUP_TYPE=incremental")) < 1:
-            raise SystemExit("demo: no incremental backup in the journal")
+        # Changed blocks (the default): it read only what the guest wrote.
+        if len(journal_records("BACKUP_TYPE=incremental", "READ=changes")) < 1:
+            raise SystemExit("demo: no changed-block incremental backup in the journal")
         # Nothing more by timer: what follows must see these two backups.
         on_host("systemctl", "--user", "stop", f"virt-dup@{job}.timer")
 

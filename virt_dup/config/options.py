@@ -465,7 +465,7 @@ class JobOptions:
 
 #: What a job gets when neither it nor virt-dup.yml says otherwise.
 BUILTIN_DEFAULTS = JobOptions(
-    changed_blocks="off",
+    changed_blocks="auto",
     depth=0,
     encryption="gpg",
     full_every="30D",

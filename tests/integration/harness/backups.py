@@ -55,7 +55,9 @@ class BackupEnvironment:
             f"backends:\n  local: file://{backend}\n"
             f"encryption:\n  keys: [{fingerprint}]\n  gnupg_home: {gnupg_home}\n"
             f"state_dir: {state}\ncache_dir: {cache}\n"
-            "defaults:\n  backends: [local]\n" + extra
+            # The whole-file path unless a test asks for changed blocks: what these
+            # tests check of overlays and incrementals is that path's.
+            "defaults:\n  backends: [local]\n  changed_blocks: off\n" + extra
         )
         return cls(root, config, backend, state, cache, gnupg_home, fingerprint)
 
