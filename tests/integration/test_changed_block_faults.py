@@ -93,11 +93,23 @@ def backed_up(make_domain, environment: BackupEnvironment) -> tuple[ScratchDomai
 def run_in_its_backup_job(
     vm: ScratchDomain, environment: BackupEnvironment, job: str
 ) -> subprocess.Popen[str]:
-    """A run started and caught while libvirt's backup job writes its changes (its
-    ``backup-begin`` returned: before that, libvirt has no backup to show)."""
+    """A run started and caught while libvirt's backup job writes its changes: data
+    in the changes file means QEMU's transaction is done and ``backup-begin``
+    returns without QEMU (held inside it, libvirt's reconnect to QEMU hangs:
+    measured, "cannot acquire state change lock (held by monitor=init-...)")."""
+    top = vm.images["vda"][-1]
+    changes = top.parent / f"{top.stem}.virt-dup-{job}.changes.qcow2"
+
+    def writing() -> bool:
+        with contextlib.suppress(FileNotFoundError):
+            return changes.stat().st_size > 16 * MIB
+        return False
+
     run = environment.start_run(job)
     try:
-        wait_for(lambda: backup_begun(vm.domain) or run.poll() is not None, 120, "the backup job")
+        wait_for(lambda: writing() or run.poll() is not None, 120, "the backup job", 0.002)
+        # backup-begin's last steps (the checkpoint's metadata) need no QEMU.
+        wait_for(lambda: backup_begun(vm.domain), 10, "libvirt's backup")
     except BaseException:
         run.kill()
         run.wait()
