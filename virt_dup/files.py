@@ -4,6 +4,8 @@ sections of code that a SIGTERM must not cut short.
 * :func:`write_atomically`: readers see the old file or the new one, never
   half (temporary file, fsync, rename, fsync of the directory);
 * :func:`sha256_file`: the checksum a manifest records and a restore checks;
+  :func:`sha256_and_zero_runs` also says where the file holds whole zero
+  blocks, in the same read (a restore makes them holes again);
 * :func:`interruptible`: SIGTERM/SIGINT (systemd stopping a unit, its start
   timeout, Ctrl-C) become :class:`Interrupted`, so ``finally`` blocks and
   ``except`` handlers run: a backup merges its overlays back, a restore
@@ -28,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 #: Bytes read at a time when hashing a disk image.
 _HASH_CHUNK = 4 << 20
+#: Pieces of a read chunk looked at as a whole before block by block.
+_ZERO_WINDOW = 64 << 10
 
 
 class Interrupted(VirtDupError):
@@ -99,6 +103,57 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         while block := stream.read(_HASH_CHUNK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_and_zero_runs(
+    path: str | os.PathLike[str], block_size: int = 4096
+) -> tuple[str, list[tuple[int, int]]]:
+    """The SHA-256 of a file's contents (hex), and where it holds whole zero blocks:
+    (offset, length) runs of ``block_size``-aligned blocks of zeros only, in
+    file order, adjacent blocks merged; a partial block at the end is never
+    part of one.  One read of the file for both.
+
+    ``block_size``: a power of two of at most 4 MiB (the file system's block,
+    the unit in which it can make holes).  Raises OSError.
+    """
+    if block_size <= 0 or _HASH_CHUNK % block_size:
+        raise ValueError(f"block size {block_size} does not divide {_HASH_CHUNK}")
+    digest = hashlib.sha256()
+    runs: list[tuple[int, int]] = []
+    offset = 0
+    with open(path, "rb") as stream:
+        while block := stream.read(_HASH_CHUNK):
+            digest.update(block)
+            _add_zero_runs(block, offset, block_size, runs)
+            offset += len(block)
+    return digest.hexdigest(), runs
+
+
+def _add_zero_runs(data: bytes, offset: int, block_size: int, runs: list[tuple[int, int]]) -> None:
+    """Append the whole zero blocks of ``data`` (at file ``offset``, a multiple of
+    ``block_size``) to ``runs``.  Data without a single zero block (the usual
+    case) costs one search; a window of zeros only, one comparison."""
+    zero_block = bytes(block_size)
+    if data.find(zero_block) == -1:
+        return
+    window = max(_ZERO_WINDOW, block_size)
+    zero_window = bytes(window)
+    for start in range(0, len(data) - block_size + 1, window):
+        piece = data[start : start + window]
+        whole = len(piece) - len(piece) % block_size
+        if piece[:whole] == zero_window[:whole]:
+            _add_run(runs, offset + start, whole)
+        elif piece.find(zero_block) != -1:
+            for inner in range(0, whole, block_size):
+                if piece[inner : inner + block_size] == zero_block:
+                    _add_run(runs, offset + start + inner, block_size)
+
+
+def _add_run(runs: list[tuple[int, int]], offset: int, length: int) -> None:
+    if runs and sum(runs[-1]) == offset:
+        runs[-1] = (runs[-1][0], runs[-1][1] + length)
+    else:
+        runs.append((offset, length))
 
 
 @contextlib.contextmanager

@@ -182,6 +182,78 @@ def test_sha256_file_sees_a_change_in_the_last_chunk(tmp_path: Path) -> None:
     assert files.sha256_file(path) != before
 
 
+# -- sha256_and_zero_runs -------------------------------------------------------------
+def zero_runs_by_hand(data: bytes, block_size: int) -> list[tuple[int, int]]:
+    """The whole zero blocks of ``data``, merged into runs: block by block, slowly."""
+    runs: list[tuple[int, int]] = []
+    for offset in range(0, len(data) - block_size + 1, block_size):
+        if data[offset : offset + block_size] == bytes(block_size):
+            if runs and sum(runs[-1]) == offset:
+                runs[-1] = (runs[-1][0], runs[-1][1] + block_size)
+            else:
+                runs.append((offset, block_size))
+    return runs
+
+
+def test_sha256_and_zero_runs_finds_the_aligned_zero_blocks_in_one_read(tmp_path: Path) -> None:
+    chunk, window = files._HASH_CHUNK, files._ZERO_WINDOW
+    data = bytearray(os.urandom(2 * chunk + 5000))
+    for start, length in (
+        (0, 8192),  # two aligned blocks at the start
+        (10000, 6000),  # zeros, but no whole aligned block
+        (20000, 8292),  # one whole block inside unaligned zeros
+        (3 * window, 2 * window),  # whole windows
+        (3 * window - 4096, 4096),  # a block just before them: one run
+        (chunk - 8192, 12288),  # across the boundary of two reads: one run
+        (2 * chunk, 5000),  # the last whole block, then a partial one (never a run)
+    ):
+        data[start : start + length] = bytes(length)
+    path = tmp_path / "disk.qcow2"
+    path.write_bytes(bytes(data))
+    digest, runs = files.sha256_and_zero_runs(path)
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert runs == zero_runs_by_hand(bytes(data), 4096)
+    assert (3 * window - 4096, 2 * window + 4096) in runs
+    assert (chunk - 8192, 12288) in runs
+    assert runs[-1] == (2 * chunk, 4096)
+    assert (10000 // 4096 * 4096, 4096) not in runs
+
+
+def test_sha256_and_zero_runs_of_random_zero_and_empty_files(tmp_path: Path) -> None:
+    random_data = os.urandom(files._HASH_CHUNK + 4096)
+    (tmp_path / "random").write_bytes(random_data)
+    (tmp_path / "zeros").write_bytes(bytes(files._HASH_CHUNK + 4096 + 100))
+    (tmp_path / "empty").write_bytes(b"")
+    assert files.sha256_and_zero_runs(tmp_path / "random") == (
+        hashlib.sha256(random_data).hexdigest(),
+        [],
+    )
+    _digest, runs = files.sha256_and_zero_runs(tmp_path / "zeros")
+    assert runs == [(0, files._HASH_CHUNK + 4096)]
+    assert files.sha256_and_zero_runs(tmp_path / "empty") == (hashlib.sha256(b"").hexdigest(), [])
+
+
+@pytest.mark.parametrize("block_size", [512, 65536, 1 << 20])
+def test_sha256_and_zero_runs_in_other_block_sizes(tmp_path: Path, block_size: int) -> None:
+    data = bytearray(os.urandom(files._HASH_CHUNK + 3 * block_size))
+    for start in (block_size, 5 * block_size + 1, files._HASH_CHUNK - block_size):
+        data[start : start + 2 * block_size] = bytes(2 * block_size)
+    (tmp_path / "disk").write_bytes(bytes(data))
+    digest, runs = files.sha256_and_zero_runs(tmp_path / "disk", block_size)
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert runs == zero_runs_by_hand(bytes(data), block_size)
+    assert runs
+
+
+@pytest.mark.parametrize("block_size", [0, 3000, 8 << 20])
+def test_sha256_and_zero_runs_refuses_a_block_size_that_does_not_divide_a_read(
+    tmp_path: Path, block_size: int
+) -> None:
+    (tmp_path / "disk").write_bytes(b"x")
+    with pytest.raises(ValueError, match="block size"):
+        files.sha256_and_zero_runs(tmp_path / "disk", block_size)
+
+
 # -- interruptible --------------------------------------------------------------------
 @pytest.fixture
 def received() -> Iterator[list[int]]:

@@ -6,9 +6,11 @@ Every call goes through :func:`virt_dup.execute.run`; failures are one
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+from collections.abc import Sequence
 
 from virt_dup.errors import CommandError, VirtDupError
 from virt_dup.execute import CommandFailed
@@ -89,13 +91,31 @@ def rebase_unsafe(path: str, image_format: str, backing: str, backing_format: st
     run_qemu_img(*arguments, path)
 
 
-def dig_holes(path: str) -> bool:
-    """Make the zero blocks of ``path`` holes again; False when the file system cannot."""
+#: fallocate(2) flags (linux/falloc.h): free the range, keep the file's size.
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_holes(path: str, runs: Sequence[tuple[int, int]]) -> bool:
+    """Make the (offset, length) ``runs`` of ``path`` holes: they read as zeros as
+    before and take no space (``fallocate(2)`` PUNCH_HOLE, what ``fallocate
+    --dig-holes`` does for the zero blocks it finds).  The runs must hold
+    zeros only (:func:`~virt_dup.files.sha256_and_zero_runs` says where):
+    the content stays byte for byte the same.  False (and a warning) when the
+    file system cannot.  Raises OSError when ``path`` cannot be opened.
+    """
+    if not runs:
+        return True
+    fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    descriptor = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        run_command(["fallocate", "--dig-holes", path], timeout=3600)
-    except CommandError as error:
-        log.warning("cannot make %s sparse: %s", path, error)
-        return False
+        for offset, length in runs:
+            if fallocate(descriptor, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
+                log.warning("cannot make %s sparse: %s", path, os.strerror(ctypes.get_errno()))
+                return False
+    finally:
+        os.close(descriptor)
     return True
 
 

@@ -13,12 +13,14 @@ The order matters:
 3. its SHA-256 is compared with the manifest's **before anything touches
    it**: the checksums were taken of the files as they were backed up, and
    duplicity gives back exactly those bytes;
-4. the backing file in its header is rewritten to the new location where
-   that changed (``qemu-img rebase -u``: the header only, the data is
-   already complete), then the file is made sparse again (duplicity writes
-   holes as zeros; ``fallocate --dig-holes`` turns zero blocks back into
-   holes in place, byte-for-byte the same content, so the qcow2 stays
-   exactly the image that was backed up);
+4. the file is made sparse again: duplicity writes holes as zeros, and the
+   zero blocks that the checksum's read saw (no second read of the file)
+   become holes in place (``fallocate(2)``, as ``fallocate --dig-holes``
+   would: byte-for-byte the same content, so the qcow2 stays exactly the
+   image that was backed up); then the backing file in its header is
+   rewritten to the new location where that changed (``qemu-img rebase
+   -u``: the header only, the data is already complete; after the holes,
+   which are of the file as it was checked);
 5. ``qemu-img check`` of every file (on its own, its backing ignored);
 6. only then do files get their final names (``link``: never over an
    existing file); in place, the current files are first moved aside and
@@ -44,13 +46,13 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from virt_dup.backup.manifest import ManifestFile
-from virt_dup.files import human_size, interruptible, sha256_file
+from virt_dup.files import human_size, interruptible, sha256_and_zero_runs
 from virt_dup.images.qemu_img import (
     apply_changes,
     chain_of,
     check_image,
-    dig_holes,
     image_info,
+    punch_holes,
     rebase_unsafe,
 )
 from virt_dup.restore.plan import ChecksumMismatch, RestoreError, RestorePlan
@@ -169,14 +171,14 @@ def fetch_and_check(
         report(f"[{number}/{len(files)}] restoring {entry.original}")
         with _watched(staged, result.bytes, total, progress):
             source.restore(staged, time=backup_id, path_to_restore=entry.stored)
-        check_restored(
+        zero_runs = check_restored(
             staged, entry.original, entry.sha256, f"{entry.original} in backup {backup_id}"
         )
         result.bytes += os.stat(staged).st_size
+        if rewrite:
+            punch_holes(staged, zero_runs)
         if rewrite and entry.rebase and entry.backing is not None:
             rebase_unsafe(staged, entry.format, entry.backing, entry.backing_format)
-        if rewrite:
-            dig_holes(staged)
         warning = check_image(staged, entry.format)
         if warning:
             result.warnings.append(warning)
@@ -220,19 +222,34 @@ def _watched(
         report()
 
 
-def check_restored(staged: str, original: str, recorded: str | None, what: str) -> None:
+def check_restored(
+    staged: str, original: str, recorded: str | None, what: str
+) -> list[tuple[int, int]]:
     """A restored file is a regular file whose SHA-256 is the one recorded at backup
-    time; raises :class:`RestoreError` or :class:`ChecksumMismatch` naming ``what``."""
-    check_regular_file(staged, original)
-    digest = sha256_file(staged)
+    time; raises :class:`RestoreError` or :class:`ChecksumMismatch` naming ``what``.
+
+    Returns the runs of whole zero blocks of the file system's block size that
+    the same read saw (:func:`~virt_dup.files.sha256_and_zero_runs`), for
+    :func:`~virt_dup.images.qemu_img.punch_holes`.
+    """
+    status = check_regular_file(staged, original)
+    digest, zero_runs = sha256_and_zero_runs(staged, _hole_block_size(status))
     if digest != recorded:
         raise ChecksumMismatch(
             f"{what}: SHA-256 {digest} differs from the {recorded} recorded at backup time"
         )
+    return zero_runs
 
 
-def check_regular_file(staged: str, original: str) -> None:
-    """What duplicity restored for ``original`` must be a regular file of its own.
+def _hole_block_size(status: os.stat_result) -> int:
+    """The file system's block size when it is a usable unit for holes, else 4 KiB."""
+    size = status.st_blksize
+    return size if 512 <= size <= 1 << 20 and not size & (size - 1) else 4096
+
+
+def check_regular_file(staged: str, original: str) -> os.stat_result:
+    """What duplicity restored for ``original`` must be a regular file of its own
+    (returns its ``lstat``).
 
     A backend decides what a backup holds: a symbolic link (or a device, a
     directory) in its place would make every later step -- checksum, rebase,
@@ -250,6 +267,7 @@ def check_regular_file(staged: str, original: str) -> None:
         )
     if not stat.S_ISREG(status.st_mode):
         raise RestoreError(f"the backup holds no regular file for {original}; refused")
+    return status
 
 
 def check_bases(
