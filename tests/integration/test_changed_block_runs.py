@@ -68,9 +68,38 @@ def test_incrementals_read_only_what_the_guest_wrote(
     assert kinds == ["full", "changes", "changes"], kinds
     for entry, view in zip(listing["backups"][1:], views, strict=True):
         restored = tmp_path / f"restored-{entry['id']}"
-        environment.virt_dup("restore", vm.name, entry["id"], "--target-dir", str(restored))
+        said = environment.virt_dup(
+            "restore", "-v", vm.name, entry["id"], "--target-dir", str(restored)
+        )
         assert same_guest_view(restored / "vda" / top.name, view), entry["id"]
+        # Each run kept the metadata it backed up: on this host a restore reads none
+        # of it from the backend (two duplicity starts per set otherwise).
+        assert "applying the changes of backup" in said.stderr
+        assert "reading the metadata" not in said.stderr, said.stderr
     environment.virt_dup("verify", job)
+
+    # A changes file that is not what its set recorded (here: the record this host
+    # kept, altered) fails the restore in one line, with nothing left in the target
+    # (not even the next set's file, fetched meanwhile); without that record the
+    # backend's metadata is read, and the point restores.
+    first_changes, latest = listing["backups"][1]["id"], listing["backups"][2]
+    kept = environment.cache / "metadata" / job / first_changes / "manifest.json"
+    recorded = json.loads(kept.read_text())["changes"]["disks"][0]["sha256"]
+    kept.write_text(kept.read_text().replace(recorded, "0" * 64))
+    refused = tmp_path / "refused"
+    failed = environment.virt_dup(
+        "restore", vm.name, latest["id"], "--target-dir", str(refused), check=False
+    )
+    assert failed.returncode == 1
+    assert f"the changes of disk vda in backup {first_changes}: SHA-256" in failed.stderr
+    assert not refused.exists() or not any(refused.rglob("*")), list(refused.rglob("*"))
+    kept.unlink()
+    restored = tmp_path / "restored-again"
+    said = environment.virt_dup(
+        "restore", "-v", vm.name, latest["id"], "--target-dir", str(restored)
+    )
+    assert f"reading the metadata of backup {first_changes}" in said.stderr
+    assert same_guest_view(restored / "vda" / top.name, views[-1])
 
     # A checkpoint that is gone: the whole files, said why, restorable; then changes again.
     (current,) = checkpoints(vm)

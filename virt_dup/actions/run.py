@@ -86,6 +86,7 @@ from virt_dup.libvirt.connection import Hypervisor
 from virt_dup.libvirt.domain_xml import parse_disks
 from virt_dup.libvirt.locality import require_local_disks
 from virt_dup.libvirt.metadata import Job
+from virt_dup.restore.sources import keep_own_metadata
 from virt_dup.systemd import journal
 
 log = logging.getLogger(__name__)
@@ -567,6 +568,8 @@ class _Run:
             stall_seconds=interval_length(stall).total_seconds() if stall else None,
         )
         check_complete(stats, expected)
+        if stats.time is not None:
+            keep_own_metadata(self.config, plan.job.uuid, format_time(stats.time), metadata)
         result.bytes_read = stats.bytes_read
         result.bytes_uploaded = stats.bytes_uploaded
         result.bytes_hashed = sum(expected[path] for path in stored.values())
@@ -671,6 +674,7 @@ class _Run:
         result.bytes_uploaded = stats.bytes_uploaded
         if stats.time is None:
             return None
+        keep_own_metadata(self.config, plan.job.uuid, format_time(stats.time), metadata)
         return plan.collection.with_backup(stats.kind, stats.time)
 
     def _merge_back(self, plan: Plan, record: RunRecord) -> None:

@@ -576,6 +576,22 @@ def metadata_cache(config: Config, job_uuid: str, backup_id: str) -> Path:
 _MAX_METADATA_BYTES = 64 * 2**20
 
 
+def keep_own_metadata(config: Config, job_uuid: str, backup_id: str, folder: Path) -> None:
+    """After a run's set ``backup_id`` is on the backend: the metadata folder the
+    run wrote and backed up into it (``folder``, byte for byte what the set
+    holds) goes into the metadata cache, so a restore on this host reads no
+    metadata from the backend (a changed-block point needs its base's and
+    every set's since: two duplicity starts per set otherwise).
+
+    Recorded as read unchecked: with ``restore.require_signature`` a restore
+    still reads the backend's, checking the signature; ``verify`` never reads
+    the cache.  A failure is logged, never raised (a cache is a convenience).
+    """
+    _cache_metadata(
+        metadata_cache(config, job_uuid, backup_id), folder, os.path.realpath(folder), None
+    )
+
+
 def _read_metadata_file(path: Path, where: str) -> str:
     """One file of a metadata folder restored from a backend: a regular file (a
     symbolic link could name any file of this host, a FIFO would block),

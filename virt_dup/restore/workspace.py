@@ -42,10 +42,11 @@ import shutil
 import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
-from virt_dup.backup.manifest import ManifestFile
+from virt_dup.backup.manifest import ChangedDisk, ManifestFile
 from virt_dup.files import human_size, interruptible, sha256_and_zero_runs
 from virt_dup.images.qemu_img import (
     apply_changes,
@@ -429,8 +430,14 @@ def apply_deltas(
 ) -> None:
     """Stack each changed-block set (oldest first) onto the restored tops: restore
     its changes file, check it against the manifest's SHA-256, commit it into
-    the staged top.  Raises :class:`ChecksumMismatch` or :class:`RestoreError`."""
+    the staged top.  Raises :class:`ChecksumMismatch` or :class:`RestoreError`.
+
+    The next changes file is fetched while the current one is checked and
+    committed (one duplicity restore at a time, so the collection's cache is
+    never shared; at most two changes files staged at once).
+    """
     tops = {disk.target: disk.top for disk in plan.disks}
+    pieces: list[tuple[str, ChangedDisk, str, str]] = []  # id, disk, staged top, staged
     for backup_id, metadata in deltas:
         info = metadata.manifest.changes
         if info is None:
@@ -444,10 +451,21 @@ def apply_deltas(
                     f"backup {backup_id}: the changes of disk {disk.target} are of {disk.top}, "
                     f"not of {top.original}"
                 )
-            staged_top = restored.staged[top.original]
             staged = workspace.stage_path(f"{top.destination}.changes-{backup_id}")
-            report(f"applying the changes of backup {backup_id} to {top.original}")
-            changes.restore(staged, time=backup_id, path_to_restore=disk.stored)
+            pieces.append((backup_id, disk, restored.staged[top.original], staged))
+
+    def fetch(number: int) -> None:
+        backup_id, disk, _top, staged = pieces[number]
+        changes.restore(staged, time=backup_id, path_to_restore=disk.stored)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="changes fetch")
+    try:
+        upcoming = pool.submit(fetch, 0) if pieces else None
+        for number, (backup_id, disk, staged_top, staged) in enumerate(pieces):
+            assert upcoming is not None
+            upcoming.result()
+            upcoming = pool.submit(fetch, number + 1) if number + 1 < len(pieces) else None
+            report(f"applying the changes of backup {backup_id} to {disk.top}")
             check_restored(
                 staged,
                 disk.stored,
@@ -457,6 +475,9 @@ def apply_deltas(
             restored.bytes += os.stat(staged).st_size
             apply_changes(staged_top, staged)
             os.unlink(staged)
+    finally:
+        # A failure waits for the fetch under way (its file is the rollback's to delete).
+        pool.shutdown(wait=True, cancel_futures=True)
     changed = {
         entry.target
         for _id, metadata in deltas
