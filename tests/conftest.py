@@ -27,7 +27,6 @@ Fixtures here: ``require``, ``gpg_home``.  Libvirt fixtures (``libvirt_conn``,
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
@@ -47,39 +46,6 @@ KEY_ARGS = ("default", "default", "never")
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run ``disruptive`` tests (they restart libvirtd) after all the others."""
     items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
-
-
-#: Held by every integration test (shared) and by a disruptive one (exclusive):
-#: ``scripts/test`` runs tests side by side (pytest-xdist), and a test that
-#: restarts libvirtd must run alone.  In /tmp, so that two sessions on one
-#: machine keep to it too.
-_SIDE_BY_SIDE_LOCK = Path(tempfile.gettempdir()) / "virt-dup-tests.lock"
-#: Taken first by everyone, and held by a disruptive test while it waits for the
-#: shared lock: tests that come after it wait instead of starving it.
-_TURNSTILE = Path(tempfile.gettempdir()) / "virt-dup-tests.turnstile"
-
-
-@pytest.fixture(autouse=True)
-def _alone_when_disruptive(request: pytest.FixtureRequest) -> Iterator[None]:
-    """An integration test runs beside others unless it is ``disruptive``, which
-    waits for the running ones to end and keeps new ones out until it is done
-    (its fixtures' teardown included: this fixture is set up first)."""
-    if request.node.get_closest_marker("integration") is None:
-        yield
-        return
-    alone = request.node.get_closest_marker("disruptive") is not None
-    with _TURNSTILE.open("a") as turnstile, _SIDE_BY_SIDE_LOCK.open("a") as lock:
-        fcntl.flock(turnstile, fcntl.LOCK_EX)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
-        finally:
-            if not alone:
-                fcntl.flock(turnstile, fcntl.LOCK_UN)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
 def in_ci() -> bool:

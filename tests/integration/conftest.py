@@ -60,7 +60,18 @@ from harness.domains import (
 )
 from harness.install import Installation, install_tree
 from harness.session_user import SessionUser, temporary_user
+from harness.side_by_side import alone, beside_others
 from harness.sshd import SshServer
+
+
+@pytest.fixture(autouse=True)
+def _alone_when_disruptive(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test runs beside others unless it is ``disruptive``: that one waits for
+    the running ones to end and keeps new ones out until it is done (its
+    function-scoped fixtures' teardown included: this one is set up first)."""
+    disruptive = request.node.get_closest_marker("disruptive") is not None
+    with alone() if disruptive else beside_others():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,7 @@ import pytest
 from harness.backups import BackupEnvironment, guest_view, same_guest_view
 from harness.domains import MIB, ScratchDomain
 from harness.libvirtd import ListeningLibvirtd, free_port, listening_libvirtd
+from harness.side_by_side import alone
 from harness.sshd import SshServer
 
 from virt_dup.libvirt.connection import CONNECT_RETRY_S, CONNECT_TIMEOUT_S
@@ -255,8 +256,9 @@ def test_a_disk_whose_source_file_is_not_here_is_refused(
 # -- tcp and tls: libvirtd listening on 127.0.0.1 ---------------------------------------
 @pytest.fixture(scope="module")
 def listening(tmp_path_factory, require) -> Iterator[ListeningLibvirtd]:
-    """One swap of the host's libvirtd for a listening one, for the whole class."""
-    with listening_libvirtd(tmp_path_factory.mktemp("libvirtd"), require) as daemon:
+    """One swap of the host's libvirtd for a listening one, for the whole class
+    (no test runs beside it meanwhile: tests/conftest.py)."""
+    with alone(), listening_libvirtd(tmp_path_factory.mktemp("libvirtd"), require) as daemon:
         yield daemon
 
 
