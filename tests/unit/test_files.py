@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -180,6 +183,113 @@ def test_sha256_file_sees_a_change_in_the_last_chunk(tmp_path: Path) -> None:
     data[-1] = 1
     path.write_bytes(bytes(data))
     assert files.sha256_file(path) != before
+
+
+# -- sha256_files ---------------------------------------------------------------------
+def _images(directory: Path, count: int) -> list[str]:
+    paths = []
+    for number in range(count):
+        path = directory / f"disk{number}.qcow2"
+        path.write_bytes(os.urandom(1000 + number))
+        paths.append(str(path))
+    return paths
+
+
+def _hashed_meeting(readers: int) -> tuple[list[str], object]:
+    """A hash function whose calls wait for ``readers`` of them to be under way at
+    once: read one after the other, the first call fails (a broken barrier)."""
+    meeting = threading.Barrier(readers, timeout=10)
+    order: list[str] = []
+
+    def hash_file(path: str) -> str:
+        meeting.wait()
+        order.append(path)
+        return files.sha256_file(path)
+
+    return order, hash_file
+
+
+def _expected(paths: list[str]) -> dict[str, str]:
+    return {path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in paths}
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: one reader")
+def test_files_on_a_disk_that_does_not_spin_are_read_side_by_side(tmp_path: Path) -> None:
+    paths = _images(tmp_path, 2)
+    _order, hash_file = _hashed_meeting(2)
+    digests = files.sha256_files(paths, hash_file, spinning=lambda _device: False)
+    assert digests == _expected(paths)
+    assert list(digests) == paths  # in the order asked
+
+
+def test_files_on_one_spinning_disk_are_read_one_after_the_other(tmp_path: Path) -> None:
+    paths = _images(tmp_path, 3)
+    under_way: list[int] = [0]
+    most: list[int] = [0]
+    lock = threading.Lock()
+
+    def hash_file(path: str) -> str:
+        with lock:
+            under_way[0] += 1
+            most[0] = max(most[0], under_way[0])
+        time.sleep(0.05)
+        with lock:
+            under_way[0] -= 1
+        return files.sha256_file(path)
+
+    assert files.sha256_files(paths, hash_file, spinning=lambda _device: True) == _expected(paths)
+    assert most[0] == 1
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: one reader")
+def test_files_on_two_spinning_disks_are_read_side_by_side(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system beside the temporary directory")
+    other = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        paths = [*_images(tmp_path, 1), *_images(other, 1)]
+        _order, hash_file = _hashed_meeting(2)
+        digests = files.sha256_files(paths, hash_file, spinning=lambda _device: True)
+        assert digests == _expected(paths)
+    finally:
+        shutil.rmtree(other)
+
+
+def test_the_first_failing_file_is_the_error_and_a_file_named_twice_is_read_once(
+    tmp_path: Path,
+) -> None:
+    paths = _images(tmp_path, 3)
+    calls: list[str] = []
+
+    def hash_file(path: str) -> str:
+        calls.append(path)
+        if path != paths[0]:
+            raise OSError(5, "Input/output error", path)
+        return files.sha256_file(path)
+
+    with pytest.raises(OSError) as raised:
+        files.sha256_files([paths[0], paths[1], paths[2]], hash_file, spinning=lambda _d: False)
+    assert raised.value.filename in paths[1:]
+    calls.clear()
+    assert files.sha256_files([paths[0], paths[0]], hash_file) == _expected(paths[:1])
+    assert calls == [paths[0]]
+
+
+def test_the_kernel_says_which_disks_spin() -> None:
+    assert files.spins(os.makedev(0, 4242)) is True  # no block device: as before, one by one
+    root = os.stat("/").st_dev
+    listed = subprocess.run(
+        ["lsblk", "--nodeps", "--noheadings", "--raw", "--output", "MAJ:MIN,ROTA"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split("\n")
+    rows = dict(line.split() for line in listed if len(line.split()) == 2)
+    flag = rows.get(f"{os.major(root)}:{os.minor(root)}")
+    if flag not in ("0", "1"):
+        pytest.skip("/ is not on a whole disk that lsblk lists")
+    assert files.spins(root) is (flag == "1")
 
 
 # -- sha256_and_zero_runs -------------------------------------------------------------

@@ -78,7 +78,7 @@ from virt_dup.files import (
     file_errors_reported,
     human_size,
     interruptible,
-    sha256_file,
+    sha256_files,
     signals_deferred,
 )
 from virt_dup.libvirt.checkpoints import ChangedBlocks, ChangesUnavailable
@@ -546,13 +546,14 @@ class _Run:
         sizes = {disk.target: disk.chain[0].virtual_size for disk in plan.disks}
         tops = {disk.target: disk.original_top for disk in plan.disks}
         stored = {target: os.path.realpath(path) for target, path in files.items()}
+        digests = sha256_files(stored.values())
         changes = ChangesManifest(
             base_set=record.base_set,
             previous_set=record.previous_set,
             since_checkpoint=record.checkpoint,
             checkpoint=changed.new_checkpoint,
             disks=tuple(
-                ChangedDisk(target, tops[target], path, sha256_file(path), sizes[target])
+                ChangedDisk(target, tops[target], path, digests[path], sizes[target])
                 for target, path in stored.items()
             ),
         )
@@ -648,7 +649,7 @@ class _Run:
         # a link as a link.
         metadata = Path(os.path.realpath(self.store.metadata_dir(plan.job.uuid)))
         checksums = ChecksumCache(self.store.directory / "checksums" / f"{plan.job.uuid}.json")
-        write_metadata(metadata, plan, domain_xml, checksums.sha256)
+        write_metadata(metadata, plan, domain_xml, checksums.digests)
         checksums.save()
         result.bytes_hashed = sum(os.stat(path).st_size for path in checksums.hashed)
         files = {f.file: os.stat(f.file).st_size for disk in plan.disks for f in disk.selected}

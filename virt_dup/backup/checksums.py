@@ -8,7 +8,8 @@ second read of it: the hash is reused while the file's identity is the same
 write to the file changes its mtime and ctime, and ctime cannot be set back
 by anyone (a chmod, chown or relabel changes it too): then the file is
 hashed again.  A hash is kept only when the identity did not change while
-the file was read.
+the file was read.  The files to hash are read side by side where their disks
+allow it (:func:`~virt_dup.files.sha256_files`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from virt_dup.files import sha256_file, write_atomically
+from virt_dup.files import sha256_file, sha256_files, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +48,27 @@ class ChecksumCache:
         if isinstance(loaded, dict):
             self.known = {k: v for k, v in loaded.items() if isinstance(v, dict)}
 
-    def sha256(self, path: str) -> str:
-        """The file's SHA-256: remembered when its identity is unchanged, else read."""
-        before = identity(path)
-        entry = self.known.get(path)
-        if entry is not None and entry.get("identity") == list(before):
+    def digests(self, paths: Iterable[str]) -> dict[str, str]:
+        """Each file's SHA-256 (by path): remembered when its identity is unchanged,
+        else read (side by side where the disks allow it)."""
+        digests: dict[str, str] = {}
+        unknown: dict[str, Identity] = {}
+        for path in dict.fromkeys(paths):
+            before = identity(path)
+            entry = self.known.get(path) or {}
             digest = entry.get("sha256")
-            if isinstance(digest, str) and len(digest) == 64:
+            remembered = isinstance(digest, str) and len(digest) == 64
+            if remembered and entry.get("identity") == list(before):
                 self.used[path] = entry
-                return digest
-        digest = self.hash_file(path)
-        self.hashed.append(path)
-        if identity(path) == before:
-            self.used[path] = {"identity": list(before), "sha256": digest}
-        return digest
+                digests[path] = str(digest)
+            else:
+                unknown[path] = before
+        for path, digest in sha256_files(unknown, self.hash_file).items():
+            self.hashed.append(path)
+            if identity(path) == unknown[path]:
+                self.used[path] = {"identity": list(unknown[path]), "sha256": digest}
+            digests[path] = digest
+        return digests
 
     def save(self) -> None:
         """Keep the entries of this run's files (others are gone or not ours any more);

@@ -27,7 +27,7 @@ from typing import Any
 from virt_dup import __version__
 from virt_dup.backup.plan import Plan
 from virt_dup.errors import NotFoundError, VirtDupError
-from virt_dup.files import sha256_file, write_atomically
+from virt_dup.files import sha256_files, write_atomically
 from virt_dup.libvirt.metadata import is_valid_uuid, render_instance
 
 log = logging.getLogger(__name__)
@@ -447,17 +447,15 @@ def write_metadata(
     directory: Path,
     plan: Plan,
     domain_xml: str,
-    checksum: Callable[[str], str] = sha256_file,
+    checksum: Callable[[list[str]], Mapping[str, str]] = sha256_files,
 ) -> Manifest:
     """The metadata folder backed up with the disks: the manifest (the domain,
-    the job, the chain layout, checksums: ``checksum`` of each file), the domain
-    XML and ``SHA256SUMS``.  Returns the manifest."""
+    the job, the chain layout, checksums: ``checksum`` of the files, by file), the
+    domain XML and ``SHA256SUMS``.  Returns the manifest."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    checksums = {
-        chain_file.path: checksum(chain_file.file)
-        for disk in plan.disks
-        for chain_file in disk.selected
-    }
+    selected = [chain_file for disk in plan.disks for chain_file in disk.selected]
+    digests = checksum([chain_file.file for chain_file in selected])
+    checksums = {chain_file.path: digests[chain_file.file] for chain_file in selected}
     manifest = manifest_of(plan, checksums)
     write_atomically(directory / MANIFEST, json.dumps(manifest.as_json(), indent=2))
     write_atomically(directory / DOMAIN_XML, domain_xml)

@@ -23,10 +23,12 @@ def test_an_untouched_file_is_not_read_again(tmp_path: Path) -> None:
     base.write_bytes(b"base data")
     calls: list[str] = []
     first = ChecksumCache(tmp_path / "cache.json", counting(calls))
-    digest = first.sha256(str(base))
+    digest = first.digests([str(base)])[str(base)]
     first.save()
     again = ChecksumCache(tmp_path / "cache.json", counting(calls))
-    assert again.sha256(str(base)) == digest == hashlib.sha256(b"base data").hexdigest()
+    assert (
+        again.digests([str(base)])[str(base)] == digest == hashlib.sha256(b"base data").hexdigest()
+    )
     assert calls == [str(base)]  # read once, over two runs
     assert again.hashed == []
 
@@ -37,13 +39,13 @@ def test_a_change_is_seen_even_with_its_mtime_put_back(tmp_path: Path) -> None:
     base.write_bytes(b"base data")
     calls: list[str] = []
     first = ChecksumCache(tmp_path / "cache.json", counting(calls))
-    first.sha256(str(base))
+    first.digests([str(base)])[str(base)]
     first.save()
     status = base.stat()
     base.write_bytes(b"BASE DATA")  # same size
     os.utime(base, ns=(status.st_atime_ns, status.st_mtime_ns))  # mtime as it was
     again = ChecksumCache(tmp_path / "cache.json", counting(calls))
-    assert again.sha256(str(base)) == hashlib.sha256(b"BASE DATA").hexdigest()
+    assert again.digests([str(base)])[str(base)] == hashlib.sha256(b"BASE DATA").hexdigest()
     assert len(calls) == 2
 
 
@@ -53,10 +55,10 @@ def test_a_broken_or_missing_cache_only_costs_a_read(tmp_path: Path) -> None:
     (tmp_path / "cache.json").write_text("{not json")
     calls: list[str] = []
     cache = ChecksumCache(tmp_path / "cache.json", counting(calls))
-    assert cache.sha256(str(base)) == hashlib.sha256(b"x").hexdigest()
+    assert cache.digests([str(base)])[str(base)] == hashlib.sha256(b"x").hexdigest()
     cache.save()
     assert (tmp_path / "cache.json").stat().st_mode & 0o777 == 0o600
     unwritable = ChecksumCache(tmp_path / "no" / "such" / "dir" / "c.json", counting(calls))
     (tmp_path / "no").write_text("a file")  # the directory cannot be made
-    unwritable.sha256(str(base))
+    unwritable.digests([str(base)])[str(base)]
     unwritable.save()  # a warning, not an error
