@@ -16,7 +16,7 @@ times, side by side:
   ``TREE:nocache`` with the metadata cache emptied first (a restore on a
   host that did not make the backups, or before runs kept their metadata).
 
-Before each command: ``sync``, the collections read once (warm page cache),
+Before each command: ``sync``, the page cache dropped, the collections read once (warm page cache),
 ``sync``.  Prints a Markdown table (medians, min-max, ratios to the bare
 restore of the same round).
 
@@ -55,7 +55,7 @@ BARE = "bare `duplicity restore` of the full"
 
 
 def warm(work: Path) -> None:
-    os.sync()
+    costs.drop_caches()
     for path in work.rglob("*"):
         if path.is_file() and "backend" in path.parts[len(work.parts)]:
             with path.open("rb") as stream:

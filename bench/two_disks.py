@@ -15,8 +15,9 @@ images of ``--size`` MiB each on one file system:
   throw-away key, ``--changed-blocks off``) with the images' disk flagged as
   spinning (``queue/rotational`` = 1: read one after the other) and as not
   spinning (0: side by side), against a bare ``duplicity full`` of the same
-  images with the same options, ``--rounds`` times in rotating order, warm
-  page cache.  The flag is put back as it was afterwards.
+  images with the same options, ``--rounds`` times in rotating order, the
+  page cache dropped and the images read once before each.
+  The flag is put back as it was afterwards.
 
 Prints a Markdown table (medians, min-max; ratios per round).
 
@@ -61,12 +62,9 @@ RUN_FLAT = "`virt-dup run --full`, disk flagged not spinning (side by side)"
 BARE = "bare `duplicity full`, same options"
 
 
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
 def warm(paths: list[Path]) -> None:
+    """Read ``paths`` once (into the page cache); after
+    :func:`backup_costs.drop_caches` before a command (why: its docstring)."""
     os.sync()
     for path in paths:
         with path.open("rb") as stream:
@@ -94,7 +92,7 @@ def hash_rounds(images: list[Path], rounds: int) -> dict[tuple[str, str], list[f
     for cache in ("warm", "cold"):
         for number in range(rounds):
             for mode in costs.rotated(list(modes), number):
-                drop_caches() if cache == "cold" else warm(images)
+                costs.drop_caches() if cache == "cold" else warm(images)
                 started = time.monotonic()
                 sha256_files(paths, spinning=modes[mode])
                 seconds = time.monotonic() - started
@@ -145,6 +143,7 @@ def run_rounds(
                     flag.write_text("1\n" if tool == RUN_SPINNING else "0\n")
                     argv = [*virt_dup, "run", "--full", job]
                     env = {**os.environ, "TMPDIR": os.fspath(work / "tmp")}
+                costs.drop_caches()  # see warm()
                 warm(images)
                 seconds = timed(argv, env)
                 if tool != BARE:
