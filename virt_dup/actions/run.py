@@ -694,6 +694,31 @@ class _Run:
                 "overlays not merged back, recovery will retry: " + "; ".join(merge_errors)
             )
         self._save(record, clear=True)
+        self._warn_of_a_definition_written_again(record)
+
+    def _warn_of_a_definition_written_again(self, record: RunRecord) -> None:
+        """Say so when libvirt keeps a definition file of a domain that is transient
+        after the merge (undefined while the run read it): libvirt 9.0 writes the
+        file again when it pivots the domain back to its top, and at its next
+        start libvirtd defines the domain anew from it (virt-dup-generator makes
+        its timers from it meanwhile).  virt-dup never touches libvirt's files."""
+        try:
+            transient = not self.domain.isPersistent()
+        except libvirt.libvirtError:
+            return  # gone, or libvirtd away: nothing to say about its definition
+        path = self.config.libvirt_config_dir / f"{record.domain_name}.xml"
+        try:
+            written = transient and record.domain_uuid in path.read_text(errors="replace")
+        except OSError:
+            return
+        if written:
+            log.warning(
+                "domain %s was undefined during the backup, but libvirt wrote its definition "
+                "%s again when the overlay was merged: libvirtd defines the domain again from "
+                "it when it next starts; delete that file to keep the domain undefined",
+                record.domain_name,
+                path,
+            )
 
     def _merge_disk(self, disk: DiskPlan, record: RunRecord) -> None:
         """Merge one disk back; a libvirtd restarted meanwhile (an upgrade, an admin)
