@@ -139,6 +139,30 @@ def test_every_encryption_key_and_the_sign_key() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("changes", "agent"),
+    [
+        ({"passphrase": None}, True),  # encrypt to keys; a restore's key is unprotected
+        ({}, False),  # a passphrase for the secret key: handed over by loopback
+        ({"passphrase": None, "sign_key": "CCCC3333"}, False),  # signing may need one
+        ({"encrypt_keys": ()}, False),  # symmetric: the passphrase is the key
+        ({"encryption": "none", "encrypt_keys": (), "passphrase": None}, False),
+    ],
+    ids=["keys-only", "key-passphrase", "signed", "symmetric", "unencrypted"],
+)
+def test_use_agent_only_when_gpg_needs_no_passphrase(
+    changes: dict[str, object], agent: bool
+) -> None:
+    """--use-agent skips duplicity's loopback probe (a gpg start per process), and
+    hands gpg no passphrase: only when there is none to hand over."""
+    for arguments in (
+        backup_arguments(target(**changes), False, "/", ["/img/a.qcow2"]),
+        collection_status_arguments(target(**changes)),
+        restore_arguments(target(**changes), None, None, Path("/srv/r")),
+    ):
+        assert ("--use-agent" in arguments) is agent
+
+
 def test_glob_characters_in_paths_are_literal() -> None:
     arguments = backup_arguments(target(), False, "/", ["/img/vm[1]*?.qcow2"])
     assert arguments[arguments.index("--include") + 1] == "/img/vm[[]1][*][?].qcow2"
