@@ -706,10 +706,10 @@ class _Run:
             transient = not self.domain.isPersistent()
         except libvirt.libvirtError:
             return  # gone, or libvirtd away: nothing to say about its definition
-        path = self.config.libvirt_config_dir / f"{record.domain_name}.xml"
         try:
+            path = self.config.libvirt_config_dir / f"{record.domain_name}.xml"
             written = transient and record.domain_uuid in path.read_text(errors="replace")
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: a session URI and no home
             return
         if written:
             log.warning(
