@@ -53,7 +53,7 @@ from harness.domains import DiskSpec, DomainFactory, new_session_id  # noqa: E40
 from virt_dup.duplicity import arguments as duplicity_arguments  # noqa: E402
 from virt_dup.duplicity.runner import find_executable  # noqa: E402
 from virt_dup.duplicity.target import Target, environment  # noqa: E402
-from virt_dup.files import sha256_files  # noqa: E402
+from virt_dup.files import rotational_flag, sha256_files  # noqa: E402
 
 ONE_BY_ONE = "one after the other"
 SIDE_BY_SIDE = "side by side"
@@ -72,14 +72,12 @@ def warm(paths: list[Path]) -> None:
                 pass
 
 
-def rotational_flag(path: Path) -> Path:
+def disk_flag(path: Path) -> Path:
     """The ``queue/rotational`` file of the whole disk that holds ``path``."""
-    device = os.stat(path).st_dev
-    base = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}")
-    for flag in (base / "queue" / "rotational", base / ".." / "queue" / "rotational"):
-        if flag.exists():
-            return flag
-    raise costs.BenchError(f"{path} is on no block device with a rotational flag")
+    flag = rotational_flag(os.stat(path).st_dev)
+    if flag is None:
+        raise costs.BenchError(f"{path} is on no block device with a rotational flag")
+    return flag
 
 
 def hash_rounds(images: list[Path], rounds: int) -> dict[tuple[str, str], list[float]]:
@@ -121,7 +119,7 @@ def hashed_every_image(work: Path, job: str, images: list[Path]) -> None:
 def run_rounds(
     work: Path, images: list[Path], job: str, config: Path, bare: Target, rounds: int
 ) -> dict[str, list[float]]:
-    flag = rotational_flag(images[0])
+    flag = disk_flag(images[0])
     was = flag.read_text().strip()
     times: dict[str, list[float]] = {}
     virt_dup = [sys.executable, "-m", "virt_dup", "--config", os.fspath(config)]
@@ -256,7 +254,7 @@ def main() -> None:
                 gnupg_home=gnupg_home,
                 tempdir=work / "bare-cache" / "bench",
             )
-            flag = rotational_flag(images[0]).read_text().strip()
+            flag = disk_flag(images[0]).read_text().strip()
             print("hashing", file=sys.stderr)
             hashes = hash_rounds(images, arguments.rounds)
             print("backing up", file=sys.stderr)

@@ -122,13 +122,14 @@ def sha256_files(
     Raises the error of the first file (in ``paths`` order) that failed.
     """
     spinning = spinning or spins
+    ordered = list(dict.fromkeys(paths))  # read once: ``paths`` may be an iterator
     queues: dict[object, list[str]] = {}
-    for path in dict.fromkeys(paths):
+    for path in ordered:
         device = os.stat(path).st_dev
         queues.setdefault(device if spinning(device) else path, []).append(path)
     readers = min(len(queues), os.cpu_count() or 1)
     if readers <= 1:
-        return {path: hash_file(path) for queue in queues.values() for path in queue}
+        return {path: hash_file(path) for path in ordered}
     digests: dict[str, str] = {}
     errors: dict[str, BaseException] = {}
     pending = list(queues.values())
@@ -160,25 +161,32 @@ def sha256_files(
         thread.start()
     for thread in threads:
         thread.join()
-    for path in dict.fromkeys(paths):
+    for path in ordered:
         if path in errors:
             raise errors[path]
-    return {path: digests[path] for path in dict.fromkeys(paths)}
+    return {path: digests[path] for path in ordered}
+
+
+def rotational_flag(device: int) -> Path | None:
+    """The kernel's ``queue/rotational`` file of the disk that holds ``device`` (a
+    file's ``st_dev``; a partition's is its disk's); None: no block device."""
+    base = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}")
+    for flag in (base / "queue" / "rotational", base / ".." / "queue" / "rotational"):
+        if flag.exists():
+            return flag
+    return None
 
 
 def spins(device: int) -> bool:
-    """Whether the block device of ``device`` (a file's ``st_dev``) is a spinning
-    disk, as the kernel says (``/sys/dev/block/MAJOR:MINOR/queue/rotational``,
-    a partition's from its disk).  A file system on no block device (tmpfs, NFS,
-    btrfs' own device numbers) or one the kernel says nothing about counts as
-    spinning: its files are read one after the other, as always."""
-    base = f"/sys/dev/block/{os.major(device)}:{os.minor(device)}"
-    for flag in (f"{base}/queue/rotational", f"{base}/../queue/rotational"):
-        try:
-            return Path(flag).read_text().strip() != "0"
-        except OSError:
-            continue
-    return True
+    """Whether the disk that holds ``device`` (a file's ``st_dev``) spins, as the
+    kernel says (:func:`rotational_flag`).  A file system on no block device
+    (tmpfs, NFS, btrfs' own device numbers) or one the kernel says nothing about
+    counts as spinning: its files are read one after the other, as always."""
+    flag = rotational_flag(device)
+    try:
+        return flag is None or flag.read_text().strip() != "0"
+    except OSError:
+        return True
 
 
 def sha256_and_zero_runs(

@@ -220,6 +220,8 @@ def test_files_on_a_disk_that_does_not_spin_are_read_side_by_side(tmp_path: Path
     digests = files.sha256_files(paths, hash_file, spinning=lambda _device: False)
     assert digests == _expected(paths)
     assert list(digests) == paths  # in the order asked
+    _order, hash_file = _hashed_meeting(2)
+    assert files.sha256_files(iter(paths), hash_file, spinning=lambda _d: False) == digests
 
 
 def test_files_on_one_spinning_disk_are_read_one_after_the_other(tmp_path: Path) -> None:
